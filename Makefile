@@ -1,0 +1,42 @@
+# stylecast: `make test` and `make serve` work on a fresh clone (network: package registries only).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch/torchvision are pinned as a matching pair (torchvision's C++ ops only load with the exact torch
+# they were built against). This is the CUDA build from PyPI; it runs on CPU-only machines too.
+TORCH_SPEC ?= torch==2.14.0 torchvision==0.29.0
+STAMP  := $(VENV)/.stylecast-installed
+PYTEST_ARGS ?=
+
+.PHONY: all install test test-gpu test-slow serve demo protos plugins bench lint clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip >/dev/null
+
+$(STAMP): $(PY) pyproject.toml Makefile
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e ".[dev]"
+	$(PY) -m protos.build
+	touch $(STAMP)
+
+install: $(STAMP)
+
+protos: $(STAMP)
+	$(PY) -m protos.build
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	STYLECAST_RUN_SLOW=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: install
+	STYLECAST_STRICT_OPS=1 $(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""stylecast benchmarks: standalone timing scripts for backends and the server."""

@@ -1,0 +1,1 @@
+"""stylecast export: PyTorch generators -> ONNX graphs, TensorRT engines and verified serving bundles."""

@@ -1,0 +1,1 @@
+"""stylecast serving: torch-free gRPC server over exported bundles (ONNX Runtime / TensorRT)."""

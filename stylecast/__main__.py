@@ -1,0 +1,5 @@
+"""`python -m stylecast` runs the CLI."""
+
+from .cli import main
+
+main()

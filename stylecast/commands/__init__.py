@@ -1,0 +1,1 @@
+"""CLI subcommands, one module each, imported only when their subcommand runs."""

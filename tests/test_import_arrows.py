@@ -1,0 +1,81 @@
+"""The import arrows of ARCHITECTURE.md, enforced on the source (static) and at run time (serving)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# package -> top-level modules it must never import
+FORBIDDEN = {
+    "serving": {"torch", "torchvision", "training", "export", "open_clip"},
+    "training": {"export", "serving", "benchmarks"},
+    "protos": {"torch", "training", "export", "serving"},
+    "export": {"serving"},
+}
+# training.ops is a leaf: torch, numpy and itself only
+OPS_ALLOWED_PROJECT = {"training.ops"}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module))
+    return out
+
+
+def _py_files(pkg: str) -> list[Path]:
+    return [p for p in (ROOT / pkg).rglob("*.py") if "_pb2" not in p.name]
+
+
+@pytest.mark.parametrize("pkg", sorted(FORBIDDEN))
+def test_forbidden_imports(pkg: str) -> None:
+    bad = []
+    for f in _py_files(pkg):
+        for line, mod in _imports(f):
+            if mod.split(".")[0] in FORBIDDEN[pkg]:
+                bad.append(f"{f.relative_to(ROOT)}:{line} imports {mod}")
+    assert not bad, "import arrows of ARCHITECTURE.md broken:\n" + "\n".join(bad)
+
+
+def test_ops_is_a_leaf() -> None:
+    bad = []
+    for f in _py_files("training/ops"):
+        for line, mod in _imports(f):
+            top = mod.split(".")[0]
+            if top in ("training", "export", "serving", "stylecast", "benchmarks") and not mod.startswith("training.ops"):
+                bad.append(f"{f.relative_to(ROOT)}:{line} imports {mod}")
+    assert not bad, "training.ops must only import torch/numpy:\n" + "\n".join(bad)
+
+
+def test_networks_import_only_ops() -> None:
+    bad = []
+    for f in _py_files("training/networks"):
+        for line, mod in _imports(f):
+            if mod.startswith("training.") and not (mod.startswith("training.ops") or mod.startswith("training.networks")):
+                bad.append(f"{f.relative_to(ROOT)}:{line} imports {mod}")
+    assert not bad, "\n".join(bad)
+
+
+def test_serving_and_cli_do_not_load_torch_at_runtime() -> None:
+    """Importing the whole serving package (and the CLI entry) must not pull torch into the process."""
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "import stylecast.cli\n"
+        "import serving\n"
+        "for m in pkgutil.walk_packages(serving.__path__, 'serving.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = [m for m in ('torch', 'training', 'export', 'torchvision') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -1,0 +1,86 @@
+"""Choosing between the reference ops and the compiled CUDA kernels (`impl="ref" | "cuda" | "auto"`).
+
+Nothing is compiled at import. The compiled extension is the PyTorch binding that trt_plugins/ builds
+(`stylecast_ops_cuda`); it is looked up lazily the first time a CUDA tensor asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+IMPLS = ("ref", "cuda", "auto")
+EXTENSION_MODULE = "stylecast_ops_cuda"
+
+_ext: ModuleType | None = None
+_ext_error: str | None = None
+_ext_loaded = False
+_warned: set[str] = set()
+
+
+def strict_ops() -> bool:
+    """True when STYLECAST_STRICT_OPS=1: a missing fast op is an error instead of a silent fallback."""
+    return os.environ.get("STYLECAST_STRICT_OPS", "0").lower() in ("1", "true", "yes")
+
+
+def load_extension() -> ModuleType | None:
+    """Import the compiled CUDA extension once; returns None (and remembers why) when unavailable."""
+    global _ext, _ext_error, _ext_loaded
+    if not _ext_loaded:
+        _ext_loaded = True
+        path = os.environ.get("STYLECAST_OPS_LIBRARY")
+        try:
+            if path:
+                torch.ops.load_library(path)
+            _ext = importlib.import_module(EXTENSION_MODULE)
+        except Exception as exc:  # ImportError, OSError from a bad .so, ...
+            _ext = None
+            _ext_error = f"{type(exc).__name__}: {exc}"
+    return _ext
+
+
+def use_cuda_impl(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
+    """Decide whether `op` runs the compiled kernel.
+
+    Args:
+        op: op name for messages.
+        impl: "ref", "cuda" or "auto".
+        tensors: the op's inputs; the kernel only applies when they live on a CUDA device.
+    Returns:
+        True to call the extension, False to run the reference.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "ref":
+        return False
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    if impl == "cuda":
+        if not on_cuda:
+            raise ValueError(f"{op}: impl='cuda' needs CUDA tensors")
+        if load_extension() is None or not hasattr(_ext, op):
+            raise RuntimeError(f"{op}: the CUDA extension is not available ({_ext_error or 'op missing'}); "
+                               "build it with `make plugins` or use impl='ref'")
+        return True
+    # auto
+    if not on_cuda:
+        return False
+    if load_extension() is not None and hasattr(_ext, op):
+        return True
+    if strict_ops():
+        raise RuntimeError(f"{op}: STYLECAST_STRICT_OPS=1 and the CUDA extension is not available "
+                           f"({_ext_error or 'op missing'})")
+    if op not in _warned:
+        _warned.add(op)
+        warnings.warn(f"{op}: CUDA extension not available ({_ext_error or 'op missing'}); "
+                      "using the reference implementation", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def extension() -> ModuleType:
+    """The loaded extension (call only after use_cuda_impl returned True)."""
+    assert _ext is not None
+    return _ext
