@@ -103,6 +103,7 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise FileExistsError(f"{dest} already exists (bundles and checkpoints are never overwritten)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; published directories are world-readable like any other
     try:
         yield tmp
         if dest.exists() and overwrite:

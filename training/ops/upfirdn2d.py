@@ -77,6 +77,7 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor, up: int = 1, down: int = 1,
 def _upfirdn2d_ref(x: torch.Tensor, f: torch.Tensor, up: int, down: int,
                    padding: tuple[int, int, int, int], flip_filter: bool, gain: float) -> torch.Tensor:
     n, c, h, w = x.shape
+    c = int(c)  # channel counts are static; keeps the exported depthwise kernel a constant
     px0, px1, py0, py1 = padding
     f = f.to(x.dtype)
 
@@ -88,8 +89,10 @@ def _upfirdn2d_ref(x: torch.Tensor, f: torch.Tensor, up: int, down: int,
 
     # Pad (positive) and crop (negative) separately: F.pad handles both, but cropping with slicing keeps
     # the exported graph free of negative Pad attributes, which some runtimes reject.
-    x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
-    x = x[:, :, max(-py0, 0): x.shape[2] - max(-py1, 0), max(-px0, 0): x.shape[3] - max(-px1, 0)]
+    if max(px0, px1, py0, py1) > 0:
+        x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
+    if min(px0, px1, py0, py1) < 0:
+        x = x[:, :, max(-py0, 0): x.shape[2] - max(-py1, 0), max(-px0, 0): x.shape[3] - max(-px1, 0)]
 
     # Filter: depthwise conv; F.conv2d is a correlation, so flip for a true convolution.
     scale = gain ** (f.ndim / 2)

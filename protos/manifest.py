@@ -1,0 +1,129 @@
+"""The serving bundle manifest (`manifest.json`): its format version, schema and validator.
+
+Shared by export (which writes it) and serving (which refuses any bundle that does not validate). Standard
+library only. The same rules are published as JSON Schema in protos/bundle_manifest.schema.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+BUNDLE_FORMAT = "stylecast.bundle/v1"
+MANIFEST_NAME = "manifest.json"
+GOLDEN_NAME = "golden.npz"
+BUNDLE_KINDS = ("stylegan2", "fast_style", "dualstylegan")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SCHEMA_PATH = Path(__file__).with_name("bundle_manifest.schema.json")
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed or inconsistent with the bundle's files."""
+
+
+def _req(doc: dict, key: str, typ: type | tuple[type, ...], where: str, errors: list[str]) -> Any:
+    if key not in doc:
+        errors.append(f"{where}: missing '{key}'")
+        return None
+    val = doc[key]
+    if typ is int and isinstance(val, bool) or not isinstance(val, typ):
+        errors.append(f"{where}.{key}: expected {getattr(typ, '__name__', typ)}, got {type(val).__name__}")
+        return None
+    return val
+
+
+def validate_manifest(doc: Any) -> list[str]:
+    """Return the list of problems with a manifest document (empty when valid)."""
+    errors: list[str] = []
+    if not isinstance(doc, dict):
+        return ["manifest: not a JSON object"]
+    fmt = doc.get("format")
+    if fmt != BUNDLE_FORMAT:
+        errors.append(f"manifest.format: {fmt!r} is not supported (expected {BUNDLE_FORMAT!r})")
+        return errors
+    name = _req(doc, "name", str, "manifest", errors)
+    if name is not None and not NAME_RE.match(name):
+        errors.append(f"manifest.name: {name!r} must match {NAME_RE.pattern}")
+    kind = _req(doc, "kind", str, "manifest", errors)
+    if kind is not None and kind not in BUNDLE_KINDS:
+        errors.append(f"manifest.kind: {kind!r} is not one of {BUNDLE_KINDS}")
+    _req(doc, "stylecast_version", str, "manifest", errors)
+    opset = _req(doc, "opset", int, "manifest", errors)
+    if opset is not None and opset < 17:
+        errors.append(f"manifest.opset: {opset} < 17")
+    files = _req(doc, "files", dict, "manifest", errors) or {}
+    for fname, meta in files.items():
+        if "/" in fname or fname.startswith(".") or fname == MANIFEST_NAME:
+            errors.append(f"manifest.files: illegal file name {fname!r}")
+        if not isinstance(meta, dict) or not SHA256_RE.match(str(meta.get("sha256", ""))):
+            errors.append(f"manifest.files[{fname!r}]: needs a sha256")
+        elif not isinstance(meta.get("bytes"), int) or meta["bytes"] < 0:
+            errors.append(f"manifest.files[{fname!r}]: needs a byte count")
+    graphs = _req(doc, "graphs", dict, "manifest", errors) or {}
+    for gname, g in graphs.items():
+        if not isinstance(g, dict) or g.get("file") not in files:
+            errors.append(f"manifest.graphs[{gname!r}]: file not listed in manifest.files")
+            continue
+        for io_key in ("inputs", "outputs"):
+            if not isinstance(g.get(io_key), dict) or not g[io_key]:
+                errors.append(f"manifest.graphs[{gname!r}].{io_key}: missing")
+    source = _req(doc, "source", dict, "manifest", errors)
+    if source is not None and not SHA256_RE.match(str(source.get("sha256", ""))):
+        errors.append("manifest.source.sha256: missing or malformed")
+    golden = doc.get("golden")
+    if golden is not None and (not isinstance(golden, dict) or golden.get("file") not in files):
+        errors.append("manifest.golden.file: not listed in manifest.files")
+    for i, eng in enumerate(doc.get("engines") or []):
+        if not isinstance(eng, dict):
+            errors.append(f"manifest.engines[{i}]: not an object")
+            continue
+        for key in ("file", "graph", "precision", "trt_flavour", "trt_version", "compute_capability"):
+            if key not in eng:
+                errors.append(f"manifest.engines[{i}]: missing '{key}'")
+        if eng.get("file") not in files:
+            errors.append(f"manifest.engines[{i}].file: not listed in manifest.files")
+        for plugin in eng.get("plugins") or []:
+            if not isinstance(plugin, dict) or not SHA256_RE.match(str(plugin.get("sha256", ""))):
+                errors.append(f"manifest.engines[{i}].plugins: each plugin needs a sha256")
+    if kind == "stylegan2" and not errors:
+        errors += _validate_stylegan2(doc, graphs)
+    return errors
+
+
+def _validate_stylegan2(doc: dict, graphs: dict) -> list[str]:
+    errors: list[str] = []
+    model = _req(doc, "model", dict, "manifest", errors)
+    if model is None:
+        return errors
+    for key in ("resolution", "z_dim", "w_dim", "num_ws"):
+        v = _req(model, key, int, "manifest.model", errors)
+        if v is not None and v <= 0:
+            errors.append(f"manifest.model.{key}: must be positive")
+    psi = model.get("default_psi")
+    if not isinstance(psi, (int, float)) or isinstance(psi, bool):
+        errors.append("manifest.model.default_psi: expected a number")
+    w_avg = model.get("w_avg")
+    if not isinstance(w_avg, list) or len(w_avg) != model.get("w_dim"):
+        errors.append("manifest.model.w_avg: expected a list of w_dim numbers")
+    for g in ("mapping", "synthesis"):
+        if g not in graphs:
+            errors.append(f"manifest.graphs: missing '{g}'")
+    return errors
+
+
+def load_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+    """Read and validate bundle_dir/manifest.json; raises ManifestError naming every problem."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    errors = validate_manifest(doc)
+    if errors:
+        raise ManifestError(f"{path}: " + "; ".join(errors))
+    return doc
