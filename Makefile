@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.0 torchvision==0.29.0
 STAMP  := $(VENV)/.stylecast-installed
 PYTEST_ARGS ?=
 
-.PHONY: all install test test-gpu test-slow serve demo protos plugins bench lint clean
+.PHONY: all install test test-gpu test-slow serve demo protos plugins plugins-torch bench clean
 
 all: test
 
@@ -37,6 +37,24 @@ test-slow: install
 test-gpu: install
 	STYLECAST_STRICT_OPS=1 $(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
+DEMO_DIR ?= demo/models
+SERVE_ARGS ?=
+
+demo: install
+	$(PY) -m export.demo --out $(DEMO_DIR)/demo
+
+serve: demo
+	$(VENV)/bin/stylecast serve --models $(DEMO_DIR) $(SERVE_ARGS)
+
+plugins: install
+	$(PY) -m trt_plugins.build
+
+plugins-torch: install
+	$(PY) -m trt_plugins.build --torch-ext
+
+bench: install
+	$(PY) -m stylecast bench backends --quick
+
 clean:
-	rm -rf build dist *.egg-info .pytest_cache
+	rm -rf build dist *.egg-info .pytest_cache trt_plugins/build
 	find . -name __pycache__ -prune -exec rm -rf {} +

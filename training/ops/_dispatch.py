@@ -7,6 +7,7 @@ Nothing is compiled at import. The compiled extension is the PyTorch binding tha
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 from types import ModuleType
@@ -35,8 +36,14 @@ def load_extension() -> ModuleType | None:
         path = os.environ.get("STYLECAST_OPS_LIBRARY")
         try:
             if path:
-                torch.ops.load_library(path)
-            _ext = importlib.import_module(EXTENSION_MODULE)
+                # A pybind module at an explicit path: load it by file location, not via sys.path.
+                spec = importlib.util.spec_from_file_location(EXTENSION_MODULE, path)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot load {path}")
+                _ext = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(_ext)
+            else:
+                _ext = importlib.import_module(EXTENSION_MODULE)
         except Exception as exc:  # ImportError, OSError from a bad .so, ...
             _ext = None
             _ext_error = f"{type(exc).__name__}: {exc}"
@@ -68,6 +75,8 @@ def use_cuda_impl(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
     # auto
     if not on_cuda:
         return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False  # the compiled kernels are forward-only; training differentiates through the reference
     if load_extension() is not None and hasattr(_ext, op):
         return True
     if strict_ops():

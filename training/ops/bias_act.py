@@ -40,7 +40,7 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, dim: int = 1, act: 
     if clamp is not None and clamp < 0:
         raise ValueError(f"bias_act: clamp must be >= 0, got {clamp}")
     gain = ACTIVATIONS[act] if gain is None else float(gain)
-    if use_cuda_impl("bias_act", impl, x):
+    if use_cuda_impl("bias_act", impl, x, b):
         return extension().bias_act(x, b, dim, act, alpha, gain, -1.0 if clamp is None else clamp)
 
     if b is not None:

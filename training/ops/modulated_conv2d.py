@@ -66,7 +66,7 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
         [N, O, H*up, W*up] tensor of x's dtype.
     """
     _check_shapes(x, weight, styles, up, resample_filter, skip)
-    if use_cuda_impl("modulated_conv2d", impl, x):
+    if use_cuda_impl("modulated_conv2d", impl, x, weight, styles, noise, bias, skip):
         return extension().modulated_conv2d(
             x, weight, styles, demodulate, up, resample_filter, noise, bias, act,
             -1.0 if gain is None else float(gain), -1.0 if clamp is None else float(clamp), skip)

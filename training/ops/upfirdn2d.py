@@ -69,7 +69,7 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor, up: int = 1, down: int = 1,
     if up < 1 or down < 1:
         raise ValueError(f"up and down must be >= 1, got up={up}, down={down}")
     px0, px1, py0, py1 = _parse_padding(padding)
-    if use_cuda_impl("upfirdn2d", impl, x):
+    if use_cuda_impl("upfirdn2d", impl, x, f):
         return extension().upfirdn2d(x, f, up, down, px0, px1, py0, py1, flip_filter, gain)
     return _upfirdn2d_ref(x, f, up, down, (px0, px1, py0, py1), flip_filter, gain)
 
