@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# Tiny test models run fastest on one thread; torch's OpenMP pool spin-waits badly on a shared 2-core machine.
+# Set before torch is imported (subprocesses inherit it); STYLECAST_TEST_THREADS overrides.
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("STYLECAST_TEST_THREADS", "1"))
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow")

@@ -469,6 +469,16 @@ def _attr(obj: PersistentObject, name: str, default: Any = None) -> Any:
 
 def generator_from_nvlabs(g: Any, what: str) -> Generator:
     """Convert an NVlabs `Generator` persistent object into our Generator (renaming and reshaping only)."""
+    try:
+        return _generator_from_nvlabs(g, what)
+    except CheckpointError:
+        raise
+    except (KeyError, AttributeError, TypeError, IndexError, ValueError) as exc:
+        raise CheckpointError(f"{what}: malformed stylegan2-ada-pytorch generator "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def _generator_from_nvlabs(g: Any, what: str) -> Generator:
     if not isinstance(g, PersistentObject):
         raise CheckpointError(f"{what}: G_ema is not a network object")
     synthesis, mapping = g.module("synthesis"), g.module("mapping")

@@ -8,6 +8,7 @@ raw bytes by our own parser of torch's legacy storage format, and every other gl
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -203,10 +204,15 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals in ALLOWED_GLOBALS and refuses everything else."""
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol <= 2 pickles use Python 2 names (__builtin__.set); translate them as pickle itself does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            if module.startswith("dnnlib.tflib") or module.startswith("dnnlib.tflib"):
+            if module.startswith("dnnlib.tflib"):
                 raise UnsafePickleError("this is a TensorFlow StyleGAN pickle; only stylegan2-ada-pytorch "
                                         "pickles are supported") from None
             raise UnsafePickleError(f"refusing to load global {module}.{name}: the pickle would execute "

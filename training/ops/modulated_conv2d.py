@@ -28,11 +28,12 @@ def demod_coefficients(weight: torch.Tensor, styles: torch.Tensor, eps: float = 
         weight: [O, I, kh, kw] effective (already gain-scaled) kernel.
         styles: [N, I] per-sample input-channel scales.
     Returns:
-        [N, O] float32 coefficients (computed in float32 even for half inputs: the sum of squares of
-        512*9 terms overflows fp16).
+        [N, O] coefficients in at least float32 (float32 even for half inputs: the sum of squares of
+        512*9 terms overflows fp16; float64 inputs stay float64).
     """
-    wsq = weight.float().square().sum(dim=(2, 3))  # [O, I]
-    return (styles.float().square() @ wsq.t() + eps).rsqrt()  # [N, O]
+    dtype = torch.promote_types(torch.promote_types(weight.dtype, styles.dtype), torch.float32)
+    wsq = weight.to(dtype).square().sum(dim=(2, 3))  # [O, I]
+    return (styles.to(dtype).square() @ wsq.t() + eps).rsqrt()  # [N, O]
 
 
 def _up2_padding(kernel_size: int, filter_taps: int) -> tuple[int, int]:
