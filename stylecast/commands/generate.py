@@ -9,7 +9,8 @@ import click
 
 @click.command(context_settings={"show_default": True})
 @click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path),
-              help="Native checkpoint directory, rosinality .pt or NVlabs .pkl.")
+              help="Native checkpoint directory, rosinality .pt, NVlabs .pkl, or a serving bundle directory "
+                   "(rendered with ONNX Runtime exactly as `stylecast serve` does).")
 @click.option("--seeds", default="0-3", help="Seeds, e.g. 0-3,7.")
 @click.option("--psi", type=float, default=1.0, help="Truncation psi (1 = none, 0.7 typical).")
 @click.option("--cutoff", type=int, default=None, help="Truncate only the first N latents.")
@@ -38,13 +39,23 @@ def generate(checkpoint: Path, seeds: str, psi: float, cutoff: int | None, noise
     seed_list = parse_seeds(seeds)
     if not math.isfinite(psi) or not -2.0 <= psi <= 2.0:
         raise ValueError(f"--psi must be a finite number in [-2, 2], got {psi}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    G = load_checkpoint(checkpoint).G
-    if cutoff is not None and not 0 <= cutoff <= G.num_ws:
-        raise ValueError(f"--cutoff must be in 0..{G.num_ws}")
-    images = generate_images(G, seed_list, psi=psi, cutoff=cutoff, noise_mode=noise_mode, batch_size=batch_size,
-                             device=device, progress=len(seed_list) > batch_size)
+    from serving.offline import BundleRenderer, is_bundle
+    if is_bundle(checkpoint):
+        # A serving bundle: the server's own pipeline, so the PNGs are byte-identical to `stylecast serve`'s.
+        if noise_mode != "const":
+            raise ValueError("a bundle renders with its stored noise only (--noise-mode const)")
+        renderer = BundleRenderer(checkpoint)
+        if cutoff is not None and not 0 <= cutoff <= renderer.model.num_ws:
+            raise ValueError(f"--cutoff must be in 0..{renderer.model.num_ws}")
+        images = renderer.render_u8(seed_list, psi=psi, cutoff=cutoff, batch_size=batch_size)
+    else:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        G = load_checkpoint(checkpoint).G
+        if cutoff is not None and not 0 <= cutoff <= G.num_ws:
+            raise ValueError(f"--cutoff must be in 0..{G.num_ws}")
+        images = generate_images(G, seed_list, psi=psi, cutoff=cutoff, noise_mode=noise_mode,
+                                 batch_size=batch_size, device=device, progress=len(seed_list) > batch_size)
     outdir.mkdir(parents=True, exist_ok=True)
     for seed, img in zip(seed_list, images):
         save_png(outdir / f"seed{seed:04d}.png", img)

@@ -1,0 +1,190 @@
+"""A small synchronous Python client for stylecast.v1.StyleService.
+
+    with StyleClient("127.0.0.1:50051") as c:
+        print([m.name for m in c.list_models()])
+        images = c.generate("demo", seeds=[0, 1, 2], psi=0.7)          # -> list[GeneratedImage]
+        images[0].save("seed0000.png")
+        for frame in c.generate_stream("demo", interpolate=[0, 7], steps=30):
+            ...
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from protos.stylecast.v1 import common_pb2 as cpb
+from protos.stylecast.v1 import style_pb2 as pb
+from protos.stylecast.v1 import style_pb2_grpc as pb_grpc
+
+from .codecs import decode
+
+FORMAT_NAMES = {cpb.IMAGE_FORMAT_PNG: "png", cpb.IMAGE_FORMAT_JPEG: "jpeg", cpb.IMAGE_FORMAT_WEBP: "webp",
+                cpb.IMAGE_FORMAT_RAW_RGB8: "raw", cpb.IMAGE_FORMAT_UNSPECIFIED: "png"}
+FORMAT_ENUM = {"png": cpb.IMAGE_FORMAT_PNG, "jpeg": cpb.IMAGE_FORMAT_JPEG, "jpg": cpb.IMAGE_FORMAT_JPEG,
+               "webp": cpb.IMAGE_FORMAT_WEBP, "raw": cpb.IMAGE_FORMAT_RAW_RGB8}
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "raw": ".rgb"}
+
+
+@dataclass
+class GeneratedImage:
+    data: bytes
+    format: str      # png | jpeg | webp | raw
+    width: int
+    height: int
+    index: int
+    seed: int | None = None
+    t: float = 0.0   # position along an interpolation path (streams)
+
+    def to_numpy(self) -> np.ndarray:
+        """[H, W, 3] uint8."""
+        return decode(self.data, self.format, self.width, self.height)
+
+    def save(self, path: str | Path) -> Path:
+        from stylecast.util import atomic_write_bytes
+        atomic_write_bytes(path, self.data)
+        return Path(path)
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
+
+
+def _image(msg: cpb.Image, t: float = 0.0) -> GeneratedImage:
+    return GeneratedImage(msg.data, FORMAT_NAMES[msg.format], msg.width, msg.height, msg.index,
+                          msg.seed if msg.HasField("seed") else None, t)
+
+
+def tensor(arr) -> cpb.FloatTensor:
+    a = np.asarray(arr, dtype=np.float32)
+    return cpb.FloatTensor(shape=list(a.shape), values=a.ravel().tolist())
+
+
+def latents(seeds: Sequence[int] | None = None, z=None, w=None, ws=None) -> cpb.Latents:
+    """Exactly one of seeds / z [N, z_dim] / w [N, w_dim] / ws [N, num_ws, w_dim]."""
+    given = [k for k, v in (("seeds", seeds), ("z", z), ("w", w), ("ws", ws)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of seeds, z, w, ws (got {given or 'none'})")
+    if seeds is not None:
+        return cpb.Latents(seeds=cpb.SeedList(seeds=[int(s) for s in seeds]))
+    return cpb.Latents(**{given[0]: tensor({"z": z, "w": w, "ws": ws}[given[0]])})
+
+
+def output_options(fmt: str = "png", quality: int = 0, size: int | tuple[int, int] | None = None) -> cpb.OutputOptions:
+    if fmt not in FORMAT_ENUM:
+        raise ValueError(f"unknown format {fmt!r}; use one of {sorted(FORMAT_ENUM)}")
+    w = h = 0
+    if size is not None:
+        w, h = (size, size) if isinstance(size, int) else size
+    return cpb.OutputOptions(format=FORMAT_ENUM[fmt], quality=quality, width=w, height=h)
+
+
+class StyleClient:
+    """Blocking client. `token` adds `authorization: Bearer <token>`; `tls_ca` (PEM path) or `tls=True` (system
+    roots) make a TLS channel. RPC errors surface as grpc.RpcError (`.code()`, `.details()`)."""
+
+    def __init__(self, target: str, token: str | None = None, tls: bool = False, tls_ca: str | Path | None = None,
+                 max_message_mb: int = 64, timeout: float | None = 60.0, server_name: str | None = None):
+        options = [("grpc.max_send_message_length", max_message_mb << 20),
+                   ("grpc.max_receive_message_length", max_message_mb << 20)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if tls or tls_ca is not None:
+            root = Path(tls_ca).read_bytes() if tls_ca is not None else None
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.StyleServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+
+    def __enter__(self) -> "StyleClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _kw(self, timeout: float | None, request_id: str | None = None) -> dict:
+        md = self.metadata + ((("x-request-id", request_id),) if request_id else ())
+        return {"metadata": md, "timeout": self.timeout if timeout is None else timeout}
+
+    def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout)).models)
+
+    def get_model(self, name: str, timeout: float | None = None) -> pb.ModelInfo:
+        return self.stub.GetModel(pb.GetModelRequest(name=name), **self._kw(timeout))
+
+    def generate_raw(self, request: pb.GenerateRequest, timeout: float | None = None,
+                     request_id: str | None = None) -> pb.GenerateResponse:
+        return self.stub.Generate(request, **self._kw(timeout, request_id))
+
+    def generate(self, model: str, seeds: Sequence[int] | None = None, *, z=None, w=None, ws=None,
+                 psi: float | None = None, cutoff: int | None = None, mix: dict | None = None, fmt: str = "png",
+                 quality: int = 0, size: int | tuple[int, int] | None = None, timeout: float | None = None,
+                 request_id: str | None = None) -> list[GeneratedImage]:
+        """Render latents (one of seeds, z, w, ws). mix={"crossover": k, "seeds"|"z"|"w"|"ws": fine latents}."""
+        req = pb.GenerateRequest(model=model, latents=latents(seeds, z, w, ws),
+                                 output=output_options(fmt, quality, size))
+        if psi is not None:
+            req.psi = float(psi)
+        if cutoff is not None:
+            req.truncation_cutoff = int(cutoff)
+        if mix is not None:
+            mix = dict(mix)
+            crossover = int(mix.pop("crossover"))
+            req.mixing.CopyFrom(pb.StyleMixing(fine=latents(**mix), crossover=crossover))
+        resp = self.generate_raw(req, timeout, request_id)
+        return [_image(im) for im in resp.images]
+
+    def generate_stream(self, model: str, seeds: Sequence[int] | None = None, *,
+                        interpolate: Sequence[int] | None = None, waypoints=None, space: str = "z",
+                        steps: int = 16, mode: str | None = None, psi: float | None = None,
+                        cutoff: int | None = None, fmt: str = "png", quality: int = 0,
+                        size: int | tuple[int, int] | None = None, timeout: float | None = None
+                        ) -> Iterator[GeneratedImage]:
+        """Stream seeds, or an interpolation through seeds (`interpolate`) or latents (`waypoints` in `space`).
+
+        Frames arrive in order as they are rendered; breaking out of the loop cancels the call on the server.
+        """
+        req = pb.GenerateStreamRequest(model=model, output=output_options(fmt, quality, size))
+        if seeds is not None:
+            req.seeds.CopyFrom(cpb.SeedList(seeds=[int(s) for s in seeds]))
+        else:
+            way = latents(seeds=interpolate) if interpolate is not None else latents(**{space: waypoints})
+            modes = {None: pb.INTERPOLATION_MODE_UNSPECIFIED, "linear": pb.INTERPOLATION_MODE_LINEAR,
+                     "slerp": pb.INTERPOLATION_MODE_SLERP}
+            req.interpolation.CopyFrom(pb.Interpolation(waypoints=way, steps=steps, mode=modes[mode]))
+        if psi is not None:
+            req.psi = float(psi)
+        if cutoff is not None:
+            req.truncation_cutoff = int(cutoff)
+        call = self.stub.GenerateStream(req, **self._kw(timeout))
+        try:
+            for frame in call:
+                yield _image(frame.image, frame.t)
+        finally:
+            call.cancel()  # no-op when the stream finished; frees the server's queued rows otherwise
+
+
+def parse_size(spec: str | None) -> tuple[int, int] | None:
+    """'512' -> (512, 512); '640x480' -> (640, 480); None -> None."""
+    if not spec:
+        return None
+    parts = spec.lower().split("x")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"invalid size {spec!r}: use e.g. 512 or 640x480") from None
+    if len(vals) == 1:
+        vals *= 2
+    if len(vals) != 2 or min(vals) < 1 or not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"invalid size {spec!r}: use e.g. 512 or 640x480")
+    return vals[0], vals[1]

@@ -1,0 +1,355 @@
+"""stylecast.v1.StyleService: ListModels, GetModel, Generate (unary) and GenerateStream (server streaming).
+
+Requests are validated completely before any work starts; every RPC is counted, timed and logged with its
+request id (the client's `x-request-id` metadata, or a fresh one, returned in the trailing metadata).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import re
+import time
+import uuid
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from protos.stylecast.v1 import common_pb2 as cpb
+from protos.stylecast.v1 import style_pb2 as pb
+from protos.stylecast.v1 import style_pb2_grpc as pb_grpc
+
+from . import codecs
+from . import latents as L
+from .batcher import cancel_items
+from .config import Limits
+from .errors import InvalidArgument, ModelNotFound, QueueFull, ServingError
+from .logs import log
+from .metrics import Metrics
+from .models import StyleGAN2Model
+from .repository import ModelRepository, ModelStatus, State
+
+logger = logging.getLogger("serving.access")
+
+FORMATS = {cpb.IMAGE_FORMAT_UNSPECIFIED: "png", cpb.IMAGE_FORMAT_PNG: "png", cpb.IMAGE_FORMAT_JPEG: "jpeg",
+           cpb.IMAGE_FORMAT_WEBP: "webp", cpb.IMAGE_FORMAT_RAW_RGB8: "raw"}
+FORMAT_ENUM = {"png": cpb.IMAGE_FORMAT_PNG, "jpeg": cpb.IMAGE_FORMAT_JPEG, "webp": cpb.IMAGE_FORMAT_WEBP,
+               "raw": cpb.IMAGE_FORMAT_RAW_RGB8}
+STATE_ENUM = {State.LOADING: pb.MODEL_STATE_LOADING, State.READY: pb.MODEL_STATE_READY,
+              State.FAILED: pb.MODEL_STATE_FAILED}
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+DEADLINE_SLACK_S = 0.05
+
+
+@dataclass
+class Output:
+    fmt: str
+    quality: int
+    size: tuple[int, int]
+
+
+@dataclass
+class Batch:
+    """Parsed latents of a request: the space they live in, the array, and the seeds when given as seeds."""
+
+    space: str                 # "z" (also for seeds), "w" or "ws"
+    values: np.ndarray | None  # [N, z_dim] | [N, w_dim] | [N, num_ws, w_dim]; None for seeds (z made lazily)
+    seeds: list[int] | None
+
+    def __len__(self) -> int:
+        return len(self.seeds) if self.values is None else len(self.values)
+
+    def rows(self, start: int, stop: int) -> "Batch":
+        if self.values is None:
+            return Batch(self.space, None, self.seeds[start: stop])
+        return Batch(self.space, self.values[start: stop], None)
+
+
+class StyleServicer(pb_grpc.StyleServiceServicer):
+    def __init__(self, repository: ModelRepository, limits: Limits, metrics: Metrics, encode_pool: Executor):
+        self.repo = repository
+        self.limits = limits
+        self.metrics = metrics
+        self.encode_pool = encode_pool
+
+    # -- plumbing shared by every RPC ---------------------------------------------------------------------------
+
+    def _model_label(self, name: str) -> str:
+        # Only known names become label values: a client must not be able to grow the metric set.
+        return name if name in self.repo.models or self.repo.status(name) is not None else "_unknown"
+
+    async def _call(self, method: str, model: str, context: grpc.aio.ServicerContext, fn, *args) -> Any:
+        md = dict((k, v) for k, v in (context.invocation_metadata() or ()))
+        rid = md.get("x-request-id", "")
+        rid = rid if isinstance(rid, str) and REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
+        label = self._model_label(model) if model else ""
+        m = self.metrics
+        m.requests.labels(method, label).inc()
+        m.in_flight.labels(method).inc()
+        t0 = time.perf_counter()
+        code, detail, extra = "OK", "", {}
+        trailing = (("x-request-id", rid),)
+        try:
+            result = await fn(*args, context, rid, extra)
+            context.set_trailing_metadata(trailing)
+            return result
+        except ServingError as exc:
+            code, detail = exc.code, exc.message
+        except asyncio.CancelledError:
+            # The client's own deadline fires a transit time before the server's copy of it: a cancellation
+            # within DEADLINE_SLACK_S of the deadline is the deadline.
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
+            raise
+        except Exception as exc:
+            code, detail = "INTERNAL", f"internal error (request id {rid})"
+            logger.exception("unhandled error", extra={"request_id": rid, "method": method})
+            extra["error"] = repr(exc)
+        finally:
+            elapsed = time.perf_counter() - t0
+            m.in_flight.labels(method).dec()
+            m.latency.labels(method, label).observe(elapsed)
+            if code != "OK":
+                m.errors.labels(method, label, code).inc()
+            log(logger, logging.INFO if code in ("OK", "CANCELLED") else logging.WARNING, "rpc", method=method,
+                model=model, request_id=rid, code=code, latency_ms=round(elapsed * 1000, 3),
+                peer=context.peer(), **({"detail": detail} if detail else {}), **extra)
+        await context.abort(grpc.StatusCode[code], detail, trailing_metadata=trailing)
+
+    # -- model discovery ------------------------------------------------------------------------------------------
+
+    def _model_info(self, s: ModelStatus) -> pb.ModelInfo:
+        i = s.info
+        return pb.ModelInfo(name=s.name, kind=s.kind, version=i.get("version", ""), state=STATE_ENUM[s.state],
+                            ready=s.ready, error=s.error, resolution=i.get("resolution", 0),
+                            z_dim=i.get("z_dim", 0), w_dim=i.get("w_dim", 0), num_ws=i.get("num_ws", 0),
+                            default_psi=i.get("default_psi", 0.0), backend=i.get("backend", ""),
+                            max_batch=i.get("max_batch", 0), description=i.get("description", ""),
+                            bundle=s.bundle)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        async def run(context, rid, extra):
+            return pb.ListModelsResponse(models=[self._model_info(s) for s in self.repo.statuses()])
+        return await self._call("ListModels", "", context, run)
+
+    async def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
+        async def run(context, rid, extra):
+            s = self.repo.status(request.name)
+            if s is None:
+                raise ModelNotFound(f"unknown model {request.name!r}")
+            return self._model_info(s)
+        return await self._call("GetModel", request.name, context, run)
+
+    # -- validation ---------------------------------------------------------------------------------------------
+
+    def _psi(self, msg, field: str = "psi") -> float | None:
+        if not msg.HasField(field):
+            return None
+        psi = float(getattr(msg, field))
+        lo, hi = self.limits.psi_range
+        if not math.isfinite(psi) or not lo <= psi <= hi:
+            raise InvalidArgument(f"psi must be a finite number in [{lo}, {hi}], got {psi}")
+        return psi
+
+    def _cutoff(self, msg, model: StyleGAN2Model) -> int | None:
+        if not msg.HasField("truncation_cutoff"):
+            return None
+        cutoff = int(msg.truncation_cutoff)
+        model.check_cutoff(cutoff)
+        return cutoff
+
+    def _output(self, opts: cpb.OutputOptions, model: StyleGAN2Model) -> Output:
+        fmt = FORMATS.get(opts.format)
+        if fmt is None:
+            raise InvalidArgument(f"unknown image format {opts.format}")
+        quality = opts.quality or self.limits.default_quality
+        if not 1 <= quality <= 100:
+            raise InvalidArgument(f"quality must be in 1..100, got {quality}")
+        mx = self.limits.max_output_size
+        if opts.width > mx or opts.height > mx:
+            raise InvalidArgument(f"output size {opts.width}x{opts.height} exceeds the limit of {mx}x{mx}")
+        size = codecs.output_size((model.resolution, model.resolution), opts.width, opts.height)
+        if max(size) > mx:
+            raise InvalidArgument(f"output size {size[0]}x{size[1]} exceeds the limit of {mx}x{mx}")
+        return Output(fmt, quality, size)
+
+    def _latents(self, msg: cpb.Latents, model: StyleGAN2Model, what: str, max_rows: int) -> Batch:
+        space = msg.WhichOneof("space")
+        if space is None:
+            raise InvalidArgument(f"{what}: give seeds, z, w or ws")
+        if space == "seeds":
+            return self._seeds(list(msg.seeds.seeds), what, max_rows)
+        t = getattr(msg, space)
+        expect = {"z": (None, model.z_dim), "w": (None, model.w_dim), "ws": (None, model.num_ws, model.w_dim)}
+        return Batch(space, L.tensor(t.shape, t.values, f"{what}.{space}", expect[space], max_rows), None)
+
+    @staticmethod
+    def _seeds(seeds: list[int], what: str, max_rows: int) -> Batch:
+        """Checked seeds; their z is made later, in the thread pool (`_to_ws`)."""
+        if not seeds:
+            raise InvalidArgument(f"{what}: no seeds")
+        if len(seeds) > max_rows:
+            raise InvalidArgument(f"{what}: too many seeds ({len(seeds)}, the limit is {max_rows})")
+        for s in seeds:
+            if not 0 <= s <= L.MAX_SEED:
+                raise InvalidArgument(f"{what}: seed {s} out of range 0..{L.MAX_SEED}")
+        return Batch("z", None, seeds)
+
+    def _model(self, lease_model) -> StyleGAN2Model:
+        if not isinstance(lease_model, StyleGAN2Model):
+            raise InvalidArgument(f"model {lease_model.name!r} is a {lease_model.kind!r} model; this RPC needs a "
+                                  "stylegan2 model")
+        return lease_model
+
+    async def _to_ws(self, model: StyleGAN2Model, batch: Batch, psi: float | None, cutoff: int | None) -> np.ndarray:
+        if batch.values is None:
+            return model.to_ws(await model.seeds_to_w(batch.seeds), psi, cutoff)
+        if batch.space == "z":
+            return model.to_ws(await model.map_w(batch.values), psi, cutoff)
+        return model.to_ws(batch.values, psi, cutoff)
+
+    async def _encode(self, imgs: np.ndarray, out: Output) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*[
+            loop.run_in_executor(self.encode_pool, codecs.encode, img, out.fmt, out.quality, out.size)
+            for img in imgs]))
+
+    @staticmethod
+    def _deadline(context) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + max(0.0, remaining)
+
+    # -- Generate -------------------------------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        return await self._call("Generate", request.model, context, self._generate, request)
+
+    async def _generate(self, request: pb.GenerateRequest, context, rid: str, extra: dict) -> pb.GenerateResponse:
+        t0 = time.perf_counter()
+        with self.repo.acquire(request.model) as leased:
+            model = self._model(leased)
+            lim = self.limits
+            psi = self._psi(request)
+            cutoff = self._cutoff(request, model)
+            out = self._output(request.output, model)
+            if not request.HasField("latents"):
+                raise InvalidArgument("latents: give seeds, z, w or ws")
+            batch = self._latents(request.latents, model, "latents", lim.max_seeds)
+            n = len(batch)
+            fine = None
+            if request.HasField("mixing"):
+                mixing = request.mixing
+                if not request.mixing.HasField("fine"):
+                    raise InvalidArgument("mixing.fine: give the latents of the fine layers")
+                fine = self._latents(mixing.fine, model, "mixing.fine", lim.max_seeds)
+                if len(fine) not in (1, n):
+                    raise InvalidArgument(f"mixing.fine: {len(fine)} latents; give 1 or {n} (one per latent)")
+                if not 0 <= mixing.crossover <= model.num_ws:
+                    raise InvalidArgument(f"mixing.crossover {mixing.crossover} out of range 0..{model.num_ws}")
+            extra.update(rows=n, version=model.version)
+            # Work starts here: mapping, then the batched synthesis, then encoding in the thread pool.
+            deadline = self._deadline(context)
+            ws = await self._to_ws(model, batch, psi, cutoff)
+            if fine is not None:
+                ws_fine = await self._to_ws(model, fine, psi, cutoff)
+                if len(ws_fine) == 1 and n > 1:
+                    ws_fine = np.repeat(ws_fine, n, axis=0)
+                ws = L.mix(ws, ws_fine, int(request.mixing.crossover))
+            t1 = time.perf_counter()
+            stats: dict[str, float] = {}
+            imgs = await model.synthesize(ws, deadline, stats)
+            t2 = time.perf_counter()
+            data = await self._encode(imgs, out)
+            t3 = time.perf_counter()
+            w, h = out.size
+            images = [cpb.Image(data=d, format=FORMAT_ENUM[out.fmt], width=w, height=h, index=i,
+                                **({"seed": batch.seeds[i]} if batch.seeds is not None else {}))
+                      for i, d in enumerate(data)]
+            timings = cpb.Timings(queue_ms=stats.get("queue_s", 0.0) * 1000, mapping_ms=(t1 - t0) * 1000,
+                                  synthesis_ms=(t2 - t1) * 1000, encode_ms=(t3 - t2) * 1000,
+                                  total_ms=(time.perf_counter() - t0) * 1000)
+            return pb.GenerateResponse(images=images, model=model.name, model_version=model.version,
+                                       request_id=rid, timings=timings)
+
+    # -- GenerateStream -------------------------------------------------------------------------------------------
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, context) -> None:
+        await self._call("GenerateStream", request.model, context, self._stream, request)
+
+    async def _stream(self, request: pb.GenerateStreamRequest, context, rid: str, extra: dict) -> None:
+        with self.repo.acquire(request.model) as leased:
+            model = self._model(leased)
+            lim = self.limits
+            psi = self._psi(request)
+            cutoff = self._cutoff(request, model)
+            out = self._output(request.output, model)
+            source = request.WhichOneof("source")
+            ts: list[float] | None = None
+            if source == "seeds":
+                batch = self._seeds(list(request.seeds.seeds), "seeds", lim.max_stream_frames)
+            elif source == "interpolation":
+                interp = request.interpolation
+                if not interp.HasField("waypoints"):
+                    raise InvalidArgument("interpolation.waypoints: give at least 2 seeds or latents")
+                way = self._latents(interp.waypoints, model, "interpolation.waypoints", lim.max_waypoints)
+                if len(way) < 2:
+                    raise InvalidArgument("interpolation.waypoints: give at least 2 seeds or latents")
+                if not 2 <= interp.steps <= lim.max_stream_frames:
+                    raise InvalidArgument(f"interpolation.steps must be in 2..{lim.max_stream_frames}, "
+                                          f"got {interp.steps}")
+                if interp.mode == pb.INTERPOLATION_MODE_UNSPECIFIED:
+                    mode = "slerp" if way.space == "z" else "linear"
+                elif interp.mode == pb.INTERPOLATION_MODE_SLERP:
+                    mode = "slerp"
+                elif interp.mode == pb.INTERPOLATION_MODE_LINEAR:
+                    mode = "linear"
+                else:
+                    raise InvalidArgument(f"unknown interpolation mode {interp.mode}")
+                if way.values is None:  # seed waypoints: interpolate their z
+                    way = Batch("z", await asyncio.to_thread(L.seeds_to_z, way.seeds, model.z_dim), None)
+                points, ts = await asyncio.to_thread(L.path_points, way.values, int(interp.steps), mode)
+                batch = Batch(way.space, points, None)
+                extra["mode"] = mode
+            else:
+                raise InvalidArgument("give seeds or an interpolation")
+            total = len(batch)
+            extra.update(frames=total, version=model.version)
+            await context.send_initial_metadata((("x-request-id", rid),))
+            deadline = self._deadline(context)
+            window = self.repo.batch.stream_window or 2 * model.max_batch
+            pending: collections.deque = collections.deque()  # (frame index, BatchItem) in frame order
+            queued = sent = 0
+            w, h = out.size
+            loop = asyncio.get_running_loop()
+            try:
+                while sent < total:
+                    # Keep up to `window` rows of this stream queued; the batcher mixes them with other requests.
+                    while queued < total and len(pending) < window:
+                        k = min(window - len(pending), total - queued)
+                        ws = await self._to_ws(model, batch.rows(queued, queued + k), psi, cutoff)
+                        try:
+                            items = model.enqueue(ws, deadline)
+                        except QueueFull:
+                            if pending:
+                                break  # the rows already queued will make room
+                            raise
+                        pending.extend((queued + i, it) for i, it in enumerate(items))
+                        queued += k
+                    index, item = pending.popleft()
+                    img = await item.future
+                    data = await loop.run_in_executor(self.encode_pool, codecs.encode, img, out.fmt, out.quality,
+                                                      out.size)
+                    image = cpb.Image(data=data, format=FORMAT_ENUM[out.fmt], width=w, height=h, index=index,
+                                      **({"seed": batch.seeds[index]} if batch.seeds is not None else {}))
+                    await context.write(pb.GenerateFrame(index=index, total=total, image=image,
+                                                         t=ts[index] if ts is not None else 0.0,
+                                                         model_version=model.version))
+                    sent += 1
+            finally:
+                cancel_items([it for _, it in pending])
+                extra["sent"] = sent

@@ -1,0 +1,176 @@
+"""`stylecast client list|info|generate|stream`: call a running `stylecast serve` from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+CTX = {"show_default": True}
+
+
+def _conn_options(f):
+    f = click.option("--timeout", type=click.FloatRange(0.001, 3600), default=60.0, help="Deadline in seconds.")(f)
+    f = click.option("--tls-ca", type=click.Path(path_type=Path), default=None,
+                     help="PEM CA certificate: connect with TLS and trust this CA.")(f)
+    f = click.option("--tls", is_flag=True, default=False, help="Connect with TLS (system root certificates).")(f)
+    f = click.option("--token-file", type=click.Path(path_type=Path), default=None,
+                     help="File whose first line is the bearer token (or set STYLECAST_AUTH_TOKEN).")(f)
+    f = click.option("--server", default="127.0.0.1:50051", help="HOST:PORT of the server.")(f)
+    return f
+
+
+def _client(server: str, token_file: Path | None, tls: bool, tls_ca: Path | None, timeout: float):
+    import os
+
+    from serving.client import StyleClient
+    token = os.environ.get("STYLECAST_AUTH_TOKEN") or None
+    if token_file is not None:
+        if not token_file.is_file():
+            raise FileNotFoundError(f"token file not found: {token_file}")
+        lines = [ln.strip() for ln in token_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        if not lines:
+            raise ValueError(f"token file {token_file} is empty")
+        token = lines[0]
+    if tls_ca is not None and not tls_ca.is_file():
+        raise FileNotFoundError(f"CA file not found: {tls_ca}")
+    return StyleClient(server, token=token, tls=tls, tls_ca=tls_ca, timeout=timeout)
+
+
+def _rpc(fn):
+    """Run an RPC; gRPC errors become one-line user errors (exit code 2)."""
+    import grpc
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+
+
+@click.group(context_settings=CTX)
+def client() -> None:
+    """Call a running stylecast server.
+
+    \b
+    Example:
+      stylecast client generate --server 127.0.0.1:50051 --model demo --seeds 0-3 --outdir out/
+    """
+
+
+@client.command("list", context_settings=CTX)
+@_conn_options
+def list_cmd(server: str, token_file: Path | None, tls: bool, tls_ca: Path | None, timeout: float) -> None:
+    """List the server's models and their state.
+
+    \b
+    Example:
+      stylecast client list --server 127.0.0.1:50051
+    """
+    from protos.stylecast.v1 import style_pb2 as pb
+    with _client(server, token_file, tls, tls_ca, timeout) as c:
+        models = _rpc(c.list_models)
+    if not models:
+        click.echo("no models")
+    for m in models:
+        state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
+        line = f"{m.name:24s} {state:8s} {m.kind:10s}"
+        if m.ready:
+            line += f" v{m.version} {m.resolution}px z{m.z_dim} w{m.w_dim}x{m.num_ws} psi {m.default_psi:g} {m.backend}"
+        else:
+            line += f" {m.error}"
+        click.echo(line)
+
+
+@client.command("info", context_settings=CTX)
+@click.option("--model", required=True, help="Model name.")
+@_conn_options
+def info_cmd(model: str, server: str, token_file: Path | None, tls: bool, tls_ca: Path | None,
+             timeout: float) -> None:
+    """Show one model's details.
+
+    \b
+    Example:
+      stylecast client info --model demo
+    """
+    from google.protobuf import json_format
+    with _client(server, token_file, tls, tls_ca, timeout) as c:
+        info = _rpc(lambda: c.get_model(model))
+    click.echo(json_format.MessageToJson(info, always_print_fields_with_no_presence=True))
+
+
+def _image_options(f):
+    f = click.option("--size", default=None, help="Output size, e.g. 512 or 640x480 (Lanczos).")(f)
+    f = click.option("--quality", type=click.IntRange(0, 100), default=0, help="JPEG/WebP quality (0 = 90).")(f)
+    f = click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp", "raw"]), default="png")(f)
+    f = click.option("--cutoff", type=click.IntRange(0, 64), default=None, help="Truncate only the first N latents.")(f)
+    f = click.option("--psi", type=float, default=None, help="Truncation psi (default: the model's).")(f)
+    return f
+
+
+@client.command("generate", context_settings=CTX)
+@click.option("--model", required=True, help="Model name.")
+@click.option("--seeds", default="0-3", help="Seeds, e.g. 0-3,7.")
+@click.option("--outdir", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@_image_options
+@_conn_options
+def generate_cmd(model: str, seeds: str, outdir: Path, psi: float | None, cutoff: int | None, fmt: str, quality: int,
+                 size: str | None, server: str, token_file: Path | None, tls: bool, tls_ca: Path | None,
+                 timeout: float) -> None:
+    """Render seeds on the server and write seedNNNN.png (or .jpg/.webp/.rgb).
+
+    \b
+    Example:
+      stylecast client generate --server 127.0.0.1:50051 --model demo --seeds 0-3 --outdir out/
+    """
+    from serving.client import parse_size
+    from stylecast.util import parse_seeds
+    seed_list = parse_seeds(seeds)
+    dims = parse_size(size)
+    with _client(server, token_file, tls, tls_ca, timeout) as c:
+        images = _rpc(lambda: c.generate(model, seeds=seed_list, psi=psi, cutoff=cutoff, fmt=fmt, quality=quality,
+                                         size=dims))
+    outdir.mkdir(parents=True, exist_ok=True)
+    for img in images:
+        img.save(outdir / f"seed{img.seed:04d}{img.extension}")
+    click.echo(f"wrote {len(images)} image(s) to {outdir}")
+
+
+@client.command("stream", context_settings=CTX)
+@click.option("--model", required=True, help="Model name.")
+@click.option("--seeds", default=None, help="Stream these seeds, e.g. 0-99.")
+@click.option("--interpolate", default=None, help="Interpolate through these seeds (in order), e.g. 0,7,3.")
+@click.option("--steps", type=click.IntRange(2, 100_000), default=30, help="Frames of the interpolation.")
+@click.option("--mode", type=click.Choice(["slerp", "linear"]), default="slerp")
+@click.option("--outdir", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@_image_options
+@_conn_options
+def stream_cmd(model: str, seeds: str | None, interpolate: str | None, steps: int, mode: str, outdir: Path,
+               psi: float | None, cutoff: int | None, fmt: str, quality: int, size: str | None, server: str,
+               token_file: Path | None, tls: bool, tls_ca: Path | None, timeout: float) -> None:
+    """Stream seeds or an interpolation path; writes frameNNNN.png as each frame arrives.
+
+    \b
+    Example:
+      stylecast client stream --model demo --interpolate 0,7 --steps 60 --outdir frames/
+    """
+    from serving.client import parse_size
+    from stylecast.util import parse_seeds
+    if (seeds is None) == (interpolate is None):
+        raise ValueError("give either --seeds or --interpolate")
+    dims = parse_size(size)
+    outdir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with _client(server, token_file, tls, tls_ca, timeout) as c:
+        if seeds is not None:
+            frames = c.generate_stream(model, seeds=parse_seeds(seeds), psi=psi, cutoff=cutoff, fmt=fmt,
+                                       quality=quality, size=dims)
+        else:
+            frames = c.generate_stream(model, interpolate=parse_seeds(interpolate), steps=steps, mode=mode, psi=psi,
+                                       cutoff=cutoff, fmt=fmt, quality=quality, size=dims)
+
+        def consume() -> None:
+            nonlocal n
+            for img in frames:
+                img.save(outdir / f"frame{img.index:04d}{img.extension}")
+                n += 1
+        _rpc(consume)
+    click.echo(f"wrote {n} frame(s) to {outdir}")
