@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.0 torchvision==0.29.0
 STAMP  := $(VENV)/.stylecast-installed
 PYTEST_ARGS ?=
 
-.PHONY: all install test test-gpu test-slow serve demo protos plugins plugins-torch bench clean
+.PHONY: all install test test-gpu test-slow serve demo protos plugins plugins-torch bench bench-gpu clean
 
 all: test
 
@@ -54,6 +54,11 @@ plugins-torch: install
 
 bench: install
 	$(PY) -m stylecast bench backends --quick
+	$(PY) -m stylecast bench server --quick
+
+bench-gpu: install
+	STYLECAST_STRICT_OPS=1 $(PY) -m stylecast bench backends --sizes 256,512,1024 --batches 1,2,4,8,16,32 --backends all
+	$(PY) -m stylecast bench server --model config-f --size 1024 --concurrency 1,2,4,8,16,32,64 --duration 30 --max-batch 16
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache trt_plugins/build
