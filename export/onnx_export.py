@@ -24,8 +24,9 @@ FP16_CLAMP = 256.0
 
 def img_to_uint8(img: torch.Tensor) -> torch.Tensor:
     """[-1, 1] NCHW float -> uint8 NHWC, the same rule as training.generate.to_uint8."""
-    x = ((img.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1)
+    # Transpose before the cast: TensorRT accepts uint8 only as a graph input/output, never in between.
+    x = ((img.float() + 1) * 127.5).round().clamp(0, 255)
+    return x.permute(0, 2, 3, 1).to(torch.uint8)
 
 
 class MappingGraph(nn.Module):
@@ -61,7 +62,7 @@ class SynthesisGraph(nn.Module):
             # Noise inputs replace the stored buffers: [N or 1, 1, r, r] each, in layer order.
             originals = [layer.noise_const for layer in self.layers]
             for layer, n in zip(self.layers, noises):
-                layer.noise_const = n[:, 0] if n.ndim == 4 else n
+                layer.noise_const = n  # [N or 1, 1, r, r] broadcasts like the stored [r, r] buffer
         try:
             x = ws.half() if self.half else ws
             img = self.synthesis(x, noise_mode="const", impl=self.impl).float()

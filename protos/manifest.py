@@ -56,11 +56,11 @@ def validate_manifest(doc: Any) -> list[str]:
         errors.append(f"manifest.opset: {opset} < 17")
     files = _req(doc, "files", dict, "manifest", errors) or {}
     for fname, meta in files.items():
-        if "/" in fname or fname.startswith(".") or fname == MANIFEST_NAME:
+        if not fname or "/" in fname or "\\" in fname or fname.startswith(".") or fname == MANIFEST_NAME:
             errors.append(f"manifest.files: illegal file name {fname!r}")
         if not isinstance(meta, dict) or not SHA256_RE.match(str(meta.get("sha256", ""))):
             errors.append(f"manifest.files[{fname!r}]: needs a sha256")
-        elif not isinstance(meta.get("bytes"), int) or meta["bytes"] < 0:
+        elif not isinstance(meta.get("bytes"), int) or isinstance(meta["bytes"], bool) or meta["bytes"] < 0:
             errors.append(f"manifest.files[{fname!r}]: needs a byte count")
     graphs = _req(doc, "graphs", dict, "manifest", errors) or {}
     for gname, g in graphs.items():
@@ -76,7 +76,11 @@ def validate_manifest(doc: Any) -> list[str]:
     golden = doc.get("golden")
     if golden is not None and (not isinstance(golden, dict) or golden.get("file") not in files):
         errors.append("manifest.golden.file: not listed in manifest.files")
-    for i, eng in enumerate(doc.get("engines") or []):
+    engines = doc.get("engines") or []
+    if not isinstance(engines, list):
+        errors.append("manifest.engines: expected a list")
+        engines = []
+    for i, eng in enumerate(engines):
         if not isinstance(eng, dict):
             errors.append(f"manifest.engines[{i}]: not an object")
             continue
@@ -85,11 +89,35 @@ def validate_manifest(doc: Any) -> list[str]:
                 errors.append(f"manifest.engines[{i}]: missing '{key}'")
         if eng.get("file") not in files:
             errors.append(f"manifest.engines[{i}].file: not listed in manifest.files")
-        for plugin in eng.get("plugins") or []:
+        plugins = eng.get("plugins") or []
+        if not isinstance(plugins, list):
+            errors.append(f"manifest.engines[{i}].plugins: expected a list")
+            plugins = []
+        for plugin in plugins:
             if not isinstance(plugin, dict) or not SHA256_RE.match(str(plugin.get("sha256", ""))):
                 errors.append(f"manifest.engines[{i}].plugins: each plugin needs a sha256")
     if kind == "stylegan2" and not errors:
         errors += _validate_stylegan2(doc, graphs)
+    if kind == "fast_style" and not errors:
+        errors += _validate_fast_style(doc, graphs)
+    return errors
+
+
+def _validate_fast_style(doc: dict, graphs: dict) -> list[str]:
+    """fast_style: a `stylizer` graph (img [N, 3, H, W] -> image of the same shape), model.max_size, golden."""
+    errors: list[str] = []
+    model = _req(doc, "model", dict, "manifest", errors)
+    if model is None:
+        return errors
+    max_size = _req(model, "max_size", int, "manifest.model", errors)
+    if max_size is not None and max_size < 5:
+        errors.append("manifest.model.max_size: must be at least 5")
+    if "stylizer" not in graphs:
+        errors.append("manifest.graphs: missing 'stylizer'")
+    elif len(graphs["stylizer"]["inputs"]) != 1 or len(graphs["stylizer"]["outputs"]) != 1:
+        errors.append("manifest.graphs['stylizer']: needs exactly one input and one output")
+    if not isinstance(doc.get("golden"), dict):
+        errors.append("manifest.golden: a fast_style bundle needs golden outputs")
     return errors
 
 
@@ -106,7 +134,8 @@ def _validate_stylegan2(doc: dict, graphs: dict) -> list[str]:
     if not isinstance(psi, (int, float)) or isinstance(psi, bool):
         errors.append("manifest.model.default_psi: expected a number")
     w_avg = model.get("w_avg")
-    if not isinstance(w_avg, list) or len(w_avg) != model.get("w_dim"):
+    if (not isinstance(w_avg, list) or len(w_avg) != model.get("w_dim")
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in w_avg)):
         errors.append("manifest.model.w_avg: expected a list of w_dim numbers")
     for g in ("mapping", "synthesis"):
         if g not in graphs:

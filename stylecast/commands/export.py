@@ -143,7 +143,7 @@ def _print_report(report) -> None:
     for p in report.problems:
         click.echo(f"FAIL {p}", err=True)
     for c in report.checks:
-        status = "ok  " if c.ok else "FAIL"
+        status = "skip" if getattr(c, "skipped", False) else ("ok  " if c.ok else "FAIL")
         psnr = "inf" if c.psnr == float("inf") else f"{c.psnr:.1f}"
         click.echo(f"{status} {c.graph:16s} {c.output:7s} max_abs={c.max_abs:.3g} psnr={psnr} dB {c.note}")
     click.echo(f"{report.bundle}: {'verified' if report.ok else 'FAILED'}")
