@@ -186,17 +186,17 @@ def _engine_name(graph: str, precision: str, flavour: str, version: str, cc_labe
 
 def _load_plugin(trt: ModuleType, path: Path, logger) -> None:
     """Register a plugin library's creators (before parsing, so the parser finds stylecast::* ops)."""
+    # dlopen it ourselves first: handing TensorRT's registry a file that is not a loadable shared library
+    # has crashed the process (seen with TensorRT-RTX 1.7); dlopen fails cleanly. Libraries that register
+    # through static initialisers (REGISTER_TENSORRT_PLUGIN) need nothing more.
+    try:
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        raise EngineError(f"cannot load plugin library {path}: {exc}") from None
     registry = trt.get_plugin_registry()
-    handle = None
     if hasattr(registry, "load_library"):
-        handle = registry.load_library(str(path))
-    if handle is None:
-        # Libraries that register through static initialisers (REGISTER_TENSORRT_PLUGIN) need only loading.
-        try:
-            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-        except OSError as exc:
-            detail = "; ".join(logger.errors[-2:]) or str(exc)
-            raise EngineError(f"cannot load plugin library {path}: {detail}") from None
+        # None means no getCreators entry point: then only static initialisers register, already run above.
+        registry.load_library(str(path))
 
 
 def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "fp16", min_batch: int = 1,

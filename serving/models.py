@@ -300,10 +300,15 @@ def _unsupported(kind: str) -> Callable[..., LoadedModel]:
     return load
 
 
+def _load_fast_style(*args, **kwargs) -> LoadedModel:
+    from .fast_style_model import FastStyleModel  # imports this module: import it at call time
+    return FastStyleModel.load(*args, **kwargs)
+
+
 # manifest["kind"] -> loader(path, manifest, version, **options); None marks a kind still to come.
 MODEL_KINDS: dict[str, Callable[..., LoadedModel] | None] = {
     "stylegan2": StyleGAN2Model.load,
-    "fast_style": None,
+    "fast_style": _load_fast_style,
     "dualstylegan": None,
 }
 

@@ -31,6 +31,7 @@ from .config import Limits
 from .errors import InvalidArgument, ModelNotFound, QueueFull, ServingError
 from .logs import log
 from .metrics import Metrics
+from .fast_style_model import FastStyleModel
 from .models import StyleGAN2Model
 from .repository import ModelRepository, ModelStatus, State
 
@@ -130,7 +131,7 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
                             z_dim=i.get("z_dim", 0), w_dim=i.get("w_dim", 0), num_ws=i.get("num_ws", 0),
                             default_psi=i.get("default_psi", 0.0), backend=i.get("backend", ""),
                             max_batch=i.get("max_batch", 0), description=i.get("description", ""),
-                            bundle=s.bundle)
+                            bundle=s.bundle, max_image_size=i.get("max_size", 0))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async def run(context, rid, extra):
@@ -353,3 +354,128 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
             finally:
                 cancel_items([it for _, it in pending])
                 extra["sent"] = sent
+
+    # -- Stylize / StylizeStream (fast_style models) --------------------------------------------------------------
+
+    @staticmethod
+    def _stylizer(leased) -> FastStyleModel:
+        if not isinstance(leased, FastStyleModel):
+            why = (" (stylizing photos with a stylegan2 model needs face alignment and an encoder, which this "
+                   "server version does not have)" if leased.kind == "stylegan2" else "")
+            raise ServingError(f"model {leased.name!r} is a {leased.kind!r} model; Stylize needs a fast_style "
+                               f"model{why}", code="FAILED_PRECONDITION")
+        return leased
+
+    def _format(self, opts: cpb.OutputOptions) -> tuple[str, int]:
+        fmt = FORMATS.get(opts.format)
+        if fmt is None:
+            raise InvalidArgument(f"unknown image format {opts.format}")
+        quality = opts.quality or self.limits.default_quality
+        if not 1 <= quality <= 100:
+            raise InvalidArgument(f"quality must be in 1..100, got {quality}")
+        mx = self.limits.max_output_size
+        if opts.width > mx or opts.height > mx:
+            raise InvalidArgument(f"output size {opts.width}x{opts.height} exceeds the limit of {mx}x{mx}")
+        return fmt, quality
+
+    def _size(self, opts: cpb.OutputOptions, hw: tuple[int, int]) -> tuple[int, int]:
+        size = codecs.output_size(hw, opts.width, opts.height)
+        mx = self.limits.max_output_size
+        if max(size) > mx:
+            raise InvalidArgument(f"output size {size[0]}x{size[1]} exceeds the limit of {mx}x{mx}")
+        return size
+
+    async def _stylize_one(self, model: FastStyleModel, request: pb.StylizeRequest,
+                           deadline: float | None) -> pb.StylizeResponse:
+        """Decode (thread pool), stylize (batcher), encode (thread pool) one image."""
+        t0 = time.perf_counter()
+        fmt, quality = self._format(request.output)
+        loop = asyncio.get_running_loop()
+        img = await loop.run_in_executor(self.encode_pool, model.decode, request.image)
+        size = self._size(request.output, (img.shape[0], img.shape[1]))
+        stats: dict[str, float] = {}
+        out = await model.stylize(img, deadline, stats)
+        t1 = time.perf_counter()
+        data = await loop.run_in_executor(self.encode_pool, codecs.encode, out, fmt, quality, size)
+        t2 = time.perf_counter()
+        w, h = size
+        timings = cpb.Timings(queue_ms=stats.get("queue_s", 0.0) * 1000, synthesis_ms=(t1 - t0) * 1000,
+                              encode_ms=(t2 - t1) * 1000, total_ms=(t2 - t0) * 1000)
+        return pb.StylizeResponse(image=cpb.Image(data=data, format=FORMAT_ENUM[fmt], width=w, height=h),
+                                  model=model.name, model_version=model.version, timings=timings)
+
+    async def Stylize(self, request: pb.StylizeRequest, context) -> pb.StylizeResponse:
+        return await self._call("Stylize", request.model, context, self._stylize, request)
+
+    async def _stylize(self, request: pb.StylizeRequest, context, rid: str, extra: dict) -> pb.StylizeResponse:
+        with self.repo.acquire(request.model) as leased:
+            model = self._stylizer(leased)
+            extra.update(version=model.version, bytes=len(request.image))
+            resp = await self._stylize_one(model, request, self._deadline(context))
+            resp.request_id = rid
+            return resp
+
+    async def StylizeStream(self, request_iterator, context) -> None:
+        await self._call("StylizeStream", "", context, self._stylize_stream, request_iterator)
+
+    async def _stylize_stream(self, request_iterator, context, rid: str, extra: dict) -> None:
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        with self.repo.acquire(first.model) as leased:
+            model = self._stylizer(leased)
+            extra.update(stream_model=model.name, version=model.version)
+            await context.send_initial_metadata((("x-request-id", rid),))
+            deadline = self._deadline(context)
+            window = asyncio.Semaphore(self.repo.batch.stream_window or 4)  # frames in work at once
+            frames: asyncio.Queue = asyncio.Queue()  # (index, task) in stream order; None = input ended
+
+            async def one(index: int, req: pb.StylizeRequest) -> pb.StylizeResponse:
+                try:
+                    if req.model and req.model != model.name:
+                        raise InvalidArgument(f"frame {index}: model {req.model!r}; this stream serves "
+                                              f"{model.name!r}")
+                    resp = await self._stylize_one(model, req, deadline)
+                except ServingError as exc:  # answered in-stream; the stream goes on
+                    resp = pb.StylizeResponse(model=model.name, model_version=model.version, error=exc.message,
+                                              error_code=exc.code)
+                resp.index, resp.request_id = index, rid
+                return resp
+
+            async def reader() -> None:
+                try:
+                    index, req = 0, first
+                    while True:
+                        await window.acquire()
+                        frames.put_nowait((index, asyncio.ensure_future(one(index, req))))
+                        index += 1
+                        try:
+                            req = await requests.__anext__()
+                        except StopAsyncIteration:
+                            return
+                finally:
+                    frames.put_nowait(None)
+
+            read_task = asyncio.ensure_future(reader())
+            sent = errors = 0
+            current: asyncio.Future | None = None
+            try:
+                while (entry := await frames.get()) is not None:
+                    current = entry[1]
+                    resp = await current
+                    await context.write(resp)
+                    window.release()
+                    sent += 1
+                    errors += bool(resp.error)
+                await read_task  # re-raise a failure of the reader
+            finally:
+                read_task.cancel()
+                if current is not None:
+                    current.cancel()
+                while not frames.empty():
+                    entry = frames.get_nowait()
+                    if entry is not None:
+                        entry[1].cancel()
+                extra.update(sent=sent, frame_errors=errors)

@@ -42,6 +42,7 @@ EXPORT_COMMANDS: dict[str, str] = {
     "engine": "stylecast.commands.export:engine_cmd",
     "bundle": "stylecast.commands.export:bundle_cmd",
     "verify": "stylecast.commands.export:verify_cmd",
+    "fast-style-bundle": "stylecast.commands.export_fast_style:cmd",
 }
 
 # Exceptions that mean "the user asked for something that cannot be done": one line, exit code 2.

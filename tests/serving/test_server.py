@@ -553,7 +553,7 @@ def test_refused_bundles(server_factory, tmp_path, tiny_bundle, copy_bundle, ref
     arrays["img_u8"] = (arrays["img_u8"].astype(np.int16) + 7).clip(0, 255).astype(np.uint8)
     np.savez(gold / "golden.npz", **arrays)
     refresh_file_entry(gold, "golden.npz")
-    copy_bundle(tiny_bundle, models / "kind", name="kind", kind="fast_style")
+    copy_bundle(tiny_bundle, models / "kind", name="kind", kind="dualstylegan")
     copy_bundle(tiny_bundle, models / "z-duplicate")  # also named "tiny"
     broken = copy_bundle(tiny_bundle, models / "broken", name="broken")
     (broken / "manifest.json").write_text("{not json")
@@ -563,7 +563,7 @@ def test_refused_bundles(server_factory, tmp_path, tiny_bundle, copy_bundle, ref
         st = {(m.name, m.bundle): m for m in c.list_models()}
     assert st[("tiny", "a-good")].ready
     assert "golden check failed" in st[("golden", "golden")].error
-    assert "'fast_style' is not supported" in st[("kind", "kind")].error
+    assert "'dualstylegan' is not supported" in st[("kind", "kind")].error
     assert "name collision" in st[("tiny", "z-duplicate")].error and not st[("tiny", "z-duplicate")].ready
     assert "not valid JSON" in st[("broken", "broken")].error
     assert "no manifest.json" in st[("empty", "empty")].error
