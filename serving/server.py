@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from protos.stylecast.v1 import style_pb2, style_pb2_grpc
 
 from .auth import BearerTokenInterceptor
+from . import kserve
 from .backends import SystemProbe
 from .config import ServerConfig
 from .logs import log
@@ -35,6 +36,14 @@ logger = logging.getLogger("serving.server")
 SERVICE_NAME = style_pb2.DESCRIPTOR.services_by_name["StyleService"].full_name  # "stylecast.v1.StyleService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _version() -> str:
+    try:
+        from stylecast import __version__
+        return str(__version__)
+    except ImportError:
+        return ""
 
 
 def bind_address(host: str, port: int) -> str:
@@ -81,8 +90,10 @@ class StyleServer:
         server = grpc.aio.server(interceptors=interceptors, options=options)
         style_pb2_grpc.add_StyleServiceServicer_to_server(
             StyleServicer(repo, cfg.limits, self.metrics, self._encode_pool), server)
+        kserve.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            kserve.KServeServicer(repo, cfg.limits, self.metrics, server_ready=self._ready, version=_version()), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.enable_server_reflection((SERVICE_NAME, kserve.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                              reflection.SERVICE_NAME), server)
         address = bind_address(cfg.host, cfg.port)
         try:
@@ -118,6 +129,10 @@ class StyleServer:
         await self.health.set("", SERVING)
         await self.health.set(SERVICE_NAME, SERVING)
         repo.start_reloading(cfg.reload_interval_s)
+
+    def _ready(self) -> bool:
+        """KServe ServerReady: the initial repository scan is done and the server is not shutting down."""
+        return not self._stopping and self.repository is not None and self.repository.scans > 0
 
     async def _on_model_state(self, name: str, ready: bool) -> None:
         if self.health is not None and not self._stopping:
