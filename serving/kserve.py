@@ -6,6 +6,9 @@ Models (per StyleGAN2 bundle `<name>`, through the same per-model dynamic batche
     <name>            SEED INT64 [-1, 1]  (or Z FP32 [-1, z_dim])  + optional PSI FP32 [-1, 1]  -> IMAGE UINT8 [-1, R, R, 3]
     <name>.synthesis  WS FP32 [-1, num_ws, w_dim]                                                -> IMAGE UINT8 [-1, R, R, 3]
 
+and per fast_style bundle `<name>`: IMAGE UINT8 [-1, -1, -1, 3] (RGB pixels, any size up to the bundle's
+max_size) -> STYLIZED UINT8 [-1, -1, -1, 3] of the same size.
+
 Inputs come in `raw_input_contents` (or typed `contents`), outputs go out in `raw_output_contents`. PSI absent =
 the bundle's default_psi (as StyleService). Errors: unknown model / version NOT_FOUND, a model still loading
 FAILED_PRECONDITION, bad tensors INVALID_ARGUMENT naming the tensor. ModelStreamInfer reports per-request errors
@@ -38,6 +41,7 @@ from .config import Limits
 from .errors import InvalidArgument, ModelNotFound, ServingError
 from .logs import log
 from .metrics import Metrics
+from .fast_style_model import FastStyleModel
 from .models import StyleGAN2Model
 from .repository import ModelRepository
 
@@ -63,7 +67,10 @@ class TensorSpec:
         self.name, self.datatype, self.dims, self.optional = name, datatype, dims, optional  # dims without batch
 
 
-def _specs(model: StyleGAN2Model, synthesis: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _specs(model: StyleGAN2Model | FastStyleModel, synthesis: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    if isinstance(model, FastStyleModel):
+        # -1: any height/width (checked against the bundle's max_size per image)
+        return [TensorSpec("IMAGE", "UINT8", (-1, -1, 3))], [TensorSpec("STYLIZED", "UINT8", (-1, -1, 3))]
     r = model.resolution
     out = [TensorSpec("IMAGE", "UINT8", (r, r, 3))]
     if synthesis:
@@ -110,7 +117,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument("model name is empty")
         lease = self.repo.acquire(base)
         model = lease.model
-        if not isinstance(model, StyleGAN2Model):
+        if not isinstance(model, (StyleGAN2Model, FastStyleModel)) or (synthesis and isinstance(model, FastStyleModel)):
             lease.release()
             raise ModelNotFound(f"model {name!r} is a {model.kind!r} model, not served over the inference protocol")
         if version and version != model.version:
@@ -238,7 +245,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             shape = tuple(int(d) for d in t.shape)
             want = "[" + ", ".join(["N", *map(str, spec.dims)]) + "]"
             ok_rank = len(shape) == 1 + len(spec.dims) or (spec.dims == (1,) and len(shape) == 1)
-            if not ok_rank or any(d < 0 for d in shape) or tuple(shape[1:]) != spec.dims[: len(shape) - 1]:
+            dims_ok = all(want_d in (-1, got) for got, want_d in zip(shape[1:], spec.dims))
+            if not ok_rank or any(d < 0 for d in shape) or not dims_ok:
                 raise InvalidArgument(f"input {t.name!r}: shape {list(shape)} does not match {want}")
             n = shape[0] if shape else 0
             if n < 1:
@@ -261,7 +269,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 arr = np.asarray(values, dtype=dtype).reshape(shape)
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise InvalidArgument(f"input {t.name!r}: NaN or Inf values")
-            arrays[t.name] = arr.reshape(n, *spec.dims)
+            dims = tuple(shape[1:]) if len(shape) == 1 + len(spec.dims) else spec.dims  # [N] -> [N, 1]
+            arrays[t.name] = arr.reshape(n, *dims)
         return arrays
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
@@ -270,9 +279,22 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             ins, outs = _specs(model, synthesis)
             for o in request.outputs:
                 if o.name not in {t.name for t in outs}:
-                    raise InvalidArgument(f"unknown requested output {o.name!r} (outputs: IMAGE)")
+                    raise InvalidArgument(f"unknown requested output {o.name!r} "
+                                          f"(outputs: {', '.join(t.name for t in outs)})")
             x = self._inputs(request, ins)
             deadline = self._deadline(context)
+            if isinstance(model, FastStyleModel):
+                if "IMAGE" not in x:
+                    raise InvalidArgument("input 'IMAGE' is required")
+                # One image per batcher row (sizes differ between requests); rows of one request run concurrently.
+                rows = [np.ascontiguousarray(im) for im in x["IMAGE"]]
+                out = await asyncio.gather(*(model.stylize(im, deadline) for im in rows))
+                resp = pb.ModelInferResponse(model_name=request.model_name, model_version=model.version,
+                                             id=request.id)
+                img = np.stack(out)
+                resp.outputs.add(name="STYLIZED", datatype="UINT8", shape=list(img.shape))
+                resp.raw_output_contents.append(np.ascontiguousarray(img).tobytes())
+                return resp
             if synthesis:
                 if "WS" not in x:
                     raise InvalidArgument("input 'WS' is required")

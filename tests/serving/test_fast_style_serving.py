@@ -227,3 +227,41 @@ def test_repository_api_without_grpc(style_bundle, tmp_path):
         finally:
             await repo.close()
     asyncio.run(main())
+
+
+def test_fast_style_over_kserve(server, reference):
+    """The fast_style bundle over the KServe v2 endpoint (our own stubs in-process): IMAGE -> STYLIZED."""
+    import grpc
+
+    from protos.inference import grpc_service_pb2 as ipb
+    from protos.inference import grpc_service_pb2_grpc as ipb_grpc
+
+    u8 = np.stack([photo(21, 34, seed=1), photo(21, 34, seed=2)])
+    with grpc.insecure_channel(server.target) as ch:
+        stub = ipb_grpc.GRPCInferenceServiceStub(ch)
+        meta = stub.ModelMetadata(ipb.ModelMetadataRequest(name="toon"), timeout=10)
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("IMAGE", "UINT8", [-1, -1, -1, 3])]
+        assert [t.name for t in meta.outputs] == ["STYLIZED"]
+        request = ipb.ModelInferRequest(model_name="toon", id="f1")
+        request.inputs.add(name="IMAGE", datatype="UINT8", shape=list(u8.shape))
+        request.raw_input_contents.append(u8.tobytes())
+        resp = stub.ModelInfer(request, timeout=30)
+        assert resp.id == "f1" and resp.outputs[0].name == "STYLIZED" and list(resp.outputs[0].shape) == [2, 21, 34, 3]
+        out = np.frombuffer(resp.raw_output_contents[0], np.uint8).reshape(u8.shape)
+        for got, src in zip(out, u8):
+            diff = np.abs(got.astype(int) - reference(src).astype(int))
+            assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
+        # Oversize and wrongly shaped images name the tensor; a synthesis suffix does not exist for fast_style.
+        big = ipb.ModelInferRequest(model_name="toon")
+        big.inputs.add(name="IMAGE", datatype="UINT8", shape=[1, MAX_SIZE + 1, 8, 3])
+        big.raw_input_contents.append(bytes((MAX_SIZE + 1) * 8 * 3))
+        bad = ipb.ModelInferRequest(model_name="toon")
+        bad.inputs.add(name="IMAGE", datatype="UINT8", shape=[1, 8, 8, 4])
+        bad.raw_input_contents.append(bytes(8 * 8 * 4))
+        for r in (big, bad):
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.ModelInfer(r, timeout=30)
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.ModelMetadata(ipb.ModelMetadataRequest(name="toon.synthesis"), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
