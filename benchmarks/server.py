@@ -157,18 +157,9 @@ async def closed_loop(call: Callable[[int], Awaitable[int]], concurrency: int, d
 
 def scrape(url: str, timeout: float = 10.0) -> dict[str, float]:
     """Prometheus text exposition -> {'name{labels}': value}."""
+    from serving.metrics import parse_exposition
     with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback URL we built
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, val = line.rpartition(" ")
-        try:
-            out[key] = float(val)
-        except ValueError:
-            continue
-    return out
+        return parse_exposition(r.read().decode())
 
 
 def metric_total(metrics: dict[str, float], name: str, model: str | None = None) -> float:

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from protos.manifest import BUNDLE_FORMAT, GOLDEN_NAME, MANIFEST_NAME, NAME_RE, ManifestError, load_manifest
+from protos.manifest import (BUNDLE_FORMAT, GOLDEN_NAME, MANIFEST_NAME, NAME_RE, ManifestError, check_bundle_files,
+                             load_manifest)
 from stylecast.util import atomic_directory, sha256_file
 from training.checkpoints import Checkpoint, load_checkpoint
 from training.networks.stylegan2 import Generator, seeds_to_z
@@ -198,18 +199,8 @@ def compare_output(graph: str, output: str, val: np.ndarray, ref: np.ndarray, pr
 
 
 def check_files(bundle: Path, manifest: dict) -> list[str]:
-    """Every listed file exists with its sha256; no unlisted files."""
-    problems = []
-    for fname, meta in manifest["files"].items():
-        p = bundle / fname
-        if not p.is_file():
-            problems.append(f"missing file {fname}")
-        elif p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
-            problems.append(f"file {fname} was modified (sha256 mismatch)")
-    extra = sorted(p.name for p in bundle.iterdir() if p.name not in manifest["files"] and p.name != MANIFEST_NAME)
-    if extra:
-        problems.append(f"unlisted files {extra}")
-    return problems
+    """Every listed file exists with its sha256; no unlisted files (see protos.manifest.check_bundle_files)."""
+    return check_bundle_files(bundle, manifest)
 
 
 def verify_bundle(bundle: str | Path, providers: list[str] | None = None,

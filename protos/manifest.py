@@ -156,3 +156,29 @@ def load_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     if errors:
         raise ManifestError(f"{path}: " + "; ".join(errors))
     return doc
+
+
+def check_bundle_files(bundle: str | Path, manifest: dict, ignore_hidden: bool = False) -> list[str]:
+    """Every file listed in the manifest exists with its size and sha256, and no unlisted files are present.
+
+    Args:
+        ignore_hidden: skip unlisted names starting with "." (the server tolerates editor/NFS droppings).
+    Returns:
+        one message per problem (empty when the files are intact).
+    """
+    from stylecast.util import sha256_file
+
+    bundle = Path(bundle)
+    problems = []
+    for fname, meta in manifest["files"].items():
+        p = bundle / fname
+        if not p.is_file():
+            problems.append(f"missing file {fname}")
+        elif p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+            problems.append(f"file {fname} was modified (sha256 mismatch)")
+    extra = sorted(p.name for p in bundle.iterdir()
+                   if p.name not in manifest["files"] and p.name != MANIFEST_NAME
+                   and not (ignore_hidden and p.name.startswith(".")))
+    if extra:
+        problems.append(f"unlisted files {extra}")
+    return problems

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from protos.manifest import GOLDEN_NAME, MANIFEST_NAME
-from stylecast.util import sha256_file
+from protos.manifest import GOLDEN_NAME
+from protos.manifest import check_bundle_files as _check_bundle_files
 
 from . import latents as L
 from .backends import OrtMapping, SystemProbe, create_synthesis
@@ -40,18 +40,7 @@ class BundleRefused(ValueError):
 
 def check_bundle_files(bundle: Path, manifest: dict) -> list[str]:
     """Every listed file exists with its size and sha256; no unlisted (non-hidden) files."""
-    problems = []
-    for fname, meta in manifest["files"].items():
-        p = bundle / fname
-        if not p.is_file():
-            problems.append(f"missing file {fname}")
-        elif p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
-            problems.append(f"file {fname} does not match its sha256 in the manifest (corrupt or modified)")
-    extra = sorted(p.name for p in bundle.iterdir()
-                   if p.name not in manifest["files"] and p.name != MANIFEST_NAME and not p.name.startswith("."))
-    if extra:
-        problems.append(f"unlisted files {extra}")
-    return problems
+    return _check_bundle_files(bundle, manifest, ignore_hidden=True)
 
 
 class LoadedModel:
