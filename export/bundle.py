@@ -28,6 +28,8 @@ GOLDEN_PSI = (1.0, 0.7)
 # Tolerances for ONNX Runtime (fp32) against the PyTorch reference on [-1, 1] images.
 FP32_MAX_ABS = 1e-4
 FP16_MIN_PSNR = 40.0
+# The encoder is ~100 layers deep: fp32 rounding differences between ONNX Runtime and PyTorch accumulate.
+ENCODER_MAX_ABS = 1e-3
 
 
 @dataclass
@@ -41,6 +43,12 @@ class BundleOptions:
     min_batch: int = 1
     opt_batch: int = 4
     max_batch: int = 16
+    # Photos: an encoder (pSp / e4e checkpoint or native dir) to ship as encoder.onnx, and/or the id of the W+
+    # space the synthesis accepts (default: the bundle name when it ships an encoder). `encoder_from` = a bundle
+    # directory with an encoder whose latent space this (adapted) model shares.
+    encoder: str | Path | None = None
+    latent_space: str | None = None
+    encoder_from: str | Path | None = None
 
 
 def default_name(path: str | Path) -> str:
@@ -68,7 +76,9 @@ def build_bundle(checkpoint: str | Path | Checkpoint, out: str | Path, options: 
         raise ValueError("default psi must be finite")
     out = Path(out)
     G = ckpt.G.eval().cpu()
-    steps = ["mapping", "synthesis"] + (["synthesis_fp16"] if opts.fp16 else []) + ["golden"]
+    enc_ckpt, latent_space = _resolve_latent_space(name, G, opts)
+    steps = (["mapping", "synthesis"] + (["synthesis_fp16"] if opts.fp16 else []) + (["encoder"] if enc_ckpt else [])
+             + ["golden"])
     bar = None
     if progress:
         from tqdm import tqdm
@@ -89,11 +99,25 @@ def build_bundle(checkpoint: str | Path | Checkpoint, out: str | Path, options: 
             graphs["synthesis_fp16"] = {"file": "synthesis_fp16.onnx", "inputs": info.inputs,
                                         "outputs": info.outputs, "nodes": info.nodes, "precision": "fp16"}
             bar and bar.update()
+        extra_golden: dict[str, np.ndarray] = {}
+        encoder_doc = None
+        if enc_ckpt is not None:
+            from .encoder_export import encoder_golden, export_encoder
+            info = export_encoder(enc_ckpt.encoder, tmp / "encoder.onnx", opset=opts.opset)
+            graphs["encoder"] = {"file": "encoder.onnx", "inputs": info.inputs, "outputs": info.outputs,
+                                 "nodes": info.nodes, "precision": "fp32"}
+            extra_golden = encoder_golden(enc_ckpt.encoder, G)
+            ecfg = enc_ckpt.config
+            encoder_doc = {"kind": ecfg.kind, "input_size": ecfg.input_size, "align": "ffhq",
+                           "latent_space": latent_space, "golden": {"img_u8": "enc_img_u8", "ws": "enc_ws"},
+                           "source": {"file": Path(enc_ckpt.path).name, "format": enc_ckpt.format,
+                                      "sha256": enc_ckpt.sha256}}
+            bar and bar.update()
         z = seeds_to_z(list(GOLDEN_SEEDS), G.z_dim)
         psi = torch.tensor(GOLDEN_PSI, dtype=torch.float32)
         ref = reference_outputs(G, z, psi)
         np.savez(tmp / GOLDEN_NAME, seeds=np.array(GOLDEN_SEEDS, dtype=np.int64), z=z.numpy(), psi=psi.numpy(),
-                 **{k: v.numpy() for k, v in ref.items()})
+                 **{k: v.numpy() for k, v in ref.items()}, **extra_golden)
         bar and bar.update()
         engines = []
         for precision in opts.engines:
@@ -103,10 +127,44 @@ def build_bundle(checkpoint: str | Path | Checkpoint, out: str | Path, options: 
             engines.append(eng)
             bar and bar.update()
         manifest = _manifest(name, ckpt, G, opts, graphs, engines, tmp)
+        if latent_space is not None:
+            manifest["model"]["latent_space"] = latent_space
+        if encoder_doc is not None:
+            manifest["encoder"] = encoder_doc
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         load_manifest(tmp)  # never publish a bundle whose manifest does not validate
     bar and bar.close()
     return out
+
+
+def _resolve_latent_space(name: str, G: Generator, opts: BundleOptions) -> tuple[Any, str | None]:
+    """(loaded encoder checkpoint or None, latent space id or None) from the options, checked against G."""
+    if opts.encoder is not None and opts.encoder_from is not None:
+        raise ValueError("give either an encoder or encoder_from (a bundle whose encoder this model shares), not both")
+    space = opts.latent_space
+    if space is not None and not NAME_RE.match(space):
+        raise ValueError(f"latent space {space!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)")
+    enc = None
+    if opts.encoder is not None:
+        from training.inversion.encoders import load_encoder
+        enc = load_encoder(opts.encoder, with_decoder=False)
+        cfg = enc.config
+        if (cfg.n_styles, cfg.w_dim) != (G.num_ws, G.w_dim):
+            raise ValueError(f"encoder {opts.encoder} outputs [N, {cfg.n_styles}, {cfg.w_dim}] latents but the "
+                             f"generator takes [N, {G.num_ws}, {G.w_dim}]")
+        space = space or name
+    elif opts.encoder_from is not None:
+        base = load_manifest(opts.encoder_from)
+        if "encoder" not in base.get("graphs", {}):
+            raise ValueError(f"bundle {opts.encoder_from} has no encoder to share")
+        bm = base["model"]
+        if (bm["num_ws"], bm["w_dim"]) != (G.num_ws, G.w_dim):
+            raise ValueError(f"bundle {opts.encoder_from} encodes [N, {bm['num_ws']}, {bm['w_dim']}] latents but "
+                             f"this generator takes [N, {G.num_ws}, {G.w_dim}]")
+        if space is not None and space != bm["latent_space"]:
+            raise ValueError(f"latent space {space!r} differs from {bm['latent_space']!r} of {opts.encoder_from}")
+        space = bm["latent_space"]
+    return enc, space
 
 
 def _manifest(name: str, ckpt: Checkpoint, G: Generator, opts: BundleOptions, graphs: dict, engines: list,
@@ -242,6 +300,14 @@ def verify_bundle(bundle: str | Path, providers: list[str] | None = None,
     for out_name, val in (("w", w), ("ws", ws)):
         err = float(np.abs(val - golden[out_name]).max())
         report.checks.append(GraphCheck("mapping", out_name, err, psnr(val, golden[out_name]), err <= FP32_MAX_ABS))
+    if "encoder" in graphs:
+        keys = manifest["encoder"]["golden"]
+        img = golden[keys["img_u8"]].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(127.5) - np.float32(1)
+        (val,) = run(graphs["encoder"]["file"], {"img": img})
+        ref = golden[keys["ws"]]
+        err = float(np.abs(val.astype(np.float64) - ref).max()) if val.shape == ref.shape else math.nan
+        report.checks.append(GraphCheck("encoder", "ws", err, psnr(val, ref) if val.shape == ref.shape else math.nan,
+                                        err <= ENCODER_MAX_ABS, f"tolerance {ENCODER_MAX_ABS}"))
     for gname in ("synthesis", "synthesis_fp16"):
         if gname not in graphs:
             continue

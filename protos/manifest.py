@@ -15,6 +15,8 @@ BUNDLE_FORMAT = "stylecast.bundle/v1"
 MANIFEST_NAME = "manifest.json"
 GOLDEN_NAME = "golden.npz"
 BUNDLE_KINDS = ("stylegan2", "fast_style", "dualstylegan")
+ENCODER_KINDS = ("psp", "e4e")
+ALIGNMENTS = ("ffhq",)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SCHEMA_PATH = Path(__file__).with_name("bundle_manifest.schema.json")
@@ -140,6 +142,39 @@ def _validate_stylegan2(doc: dict, graphs: dict) -> list[str]:
     for g in ("mapping", "synthesis"):
         if g not in graphs:
             errors.append(f"manifest.graphs: missing '{g}'")
+    errors += _validate_latent_space(doc, model, graphs)
+    return errors
+
+
+def _validate_latent_space(doc: dict, model: dict, graphs: dict) -> list[str]:
+    """The optional photo path: `model.latent_space` (the W+ space the synthesis accepts) and an optional
+    `encoder` graph (aligned face img [N, 3, S, S] in [-1, 1] -> ws [N, num_ws, w_dim]) described by `encoder`."""
+    errors: list[str] = []
+    space = model.get("latent_space")
+    if space is not None and (not isinstance(space, str) or not NAME_RE.match(space)):
+        errors.append(f"manifest.model.latent_space: {space!r} must match {NAME_RE.pattern}")
+    enc = doc.get("encoder")
+    if "encoder" not in graphs:
+        if enc is not None:
+            errors.append("manifest.encoder: described, but graphs has no 'encoder'")
+        return errors
+    g = graphs["encoder"]
+    if list(g["inputs"]) != ["img"] or list(g["outputs"]) != ["ws"]:
+        errors.append("manifest.graphs['encoder']: must map input 'img' to output 'ws'")
+    if not isinstance(enc, dict):
+        return errors + ["manifest.encoder: a bundle with an encoder graph needs an 'encoder' object"]
+    kind = enc.get("kind")
+    if kind not in ENCODER_KINDS:
+        errors.append(f"manifest.encoder.kind: {kind!r} is not one of {ENCODER_KINDS}")
+    size = enc.get("input_size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 4096:
+        errors.append("manifest.encoder.input_size: expected an integer in 8..4096")
+    if enc.get("align") not in ALIGNMENTS:
+        errors.append(f"manifest.encoder.align: {enc.get('align')!r} is not one of {ALIGNMENTS}")
+    if space is None or enc.get("latent_space") != space:
+        errors.append("manifest.encoder.latent_space: must equal manifest.model.latent_space")
+    if "golden" not in enc or not isinstance(enc.get("golden"), dict):
+        errors.append("manifest.encoder.golden: missing (the golden.npz keys of the encoder check)")
     return errors
 
 

@@ -38,6 +38,11 @@ def img_to_u8(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
+def u8_to_img(img_u8: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW in [-1, 1] (x / 127.5 - 1, the inverse of img_to_u8 up to rounding)."""
+    return np.ascontiguousarray(img_u8.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(127.5) - np.float32(1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # ONNX Runtime
 
@@ -68,6 +73,22 @@ class OrtGraph:
 
     def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(outputs, feeds)
+
+
+class OrtEncoder:
+    """Aligned faces img_u8 [N, S, S, 3] -> ws [N, num_ws, w_dim] float32 through encoder.onnx (input `img` in
+    [-1, 1] NCHW at the encoder's input size S)."""
+
+    def __init__(self, path: Path, providers: list[str], threads: int = 0):
+        self.graph = OrtGraph(path, providers, threads)
+        if self.graph.input_names != ["img"] or "ws" not in self.graph.output_names:
+            raise BackendError(f"{path.name}: an encoder graph maps input 'img' to output 'ws'")
+
+    def __call__(self, img_u8: np.ndarray) -> np.ndarray:
+        return self.graph.run(["ws"], {"img": u8_to_img(img_u8)})[0]
+
+    def close(self) -> None:
+        self.graph = None  # type: ignore[assignment]
 
 
 class OrtSynthesis:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -172,6 +172,58 @@ class StyleClient:
                 yield _image(frame.image, frame.t)
         finally:
             call.cancel()  # no-op when the stream finished; frees the server's queued rows otherwise
+
+
+    # -- photos ---------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def stylize_request(model: str, image: bytes, *, faces: str | int = "largest", composite: str = "paste",
+                        feather: float = 0.0, psi: float | None = None, fmt: str = "png", quality: int = 0,
+                        size: int | tuple[int, int] | None = None) -> pb.StylizeRequest:
+        """A StylizeRequest. faces: "largest" | "all" | an index (largest first); composite: "paste" | "crop"."""
+        opts = face_options(faces, composite, feather, psi)
+        return pb.StylizeRequest(model=model, image=bytes(image), output=output_options(fmt, quality, size),
+                                 face=opts)
+
+    def stylize_raw(self, request: pb.StylizeRequest, timeout: float | None = None,
+                    request_id: str | None = None) -> pb.StylizeResponse:
+        return self.stub.Stylize(request, **self._kw(timeout, request_id))
+
+    def stylize(self, model: str, image: bytes, timeout: float | None = None, **options) -> GeneratedImage:
+        """Stylize one photo (encoded PNG / JPEG / WebP bytes); options as `stylize_request`."""
+        return _image(self.stylize_raw(self.stylize_request(model, image, **options), timeout).image)
+
+    def stylize_stream(self, model: str, images: Iterable[bytes], timeout: float | None = None,
+                       **options) -> Iterator[pb.StylizeResponse]:
+        """Stream frames; yields one StylizeResponse per frame in order (a bad frame has `error` set)."""
+        def requests() -> Iterator[pb.StylizeRequest]:
+            for data in images:
+                yield self.stylize_request(model, data, **options)
+        call = self.stub.StylizeStream(requests(), **self._kw(timeout))
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+
+def face_options(faces: str | int = "largest", composite: str = "paste", feather: float = 0.0,
+                 psi: float | None = None) -> pb.FaceOptions:
+    if faces == "largest":
+        opts = pb.FaceOptions(select=pb.FACE_SELECTION_LARGEST)
+    elif faces == "all":
+        opts = pb.FaceOptions(select=pb.FACE_SELECTION_ALL)
+    elif isinstance(faces, int) or str(faces).isdigit():
+        opts = pb.FaceOptions(select=pb.FACE_SELECTION_INDEX, index=int(faces))
+    else:
+        raise ValueError(f"faces must be 'largest', 'all' or an index, got {faces!r}")
+    modes = {"paste": pb.FACE_COMPOSITE_PASTE_BACK, "crop": pb.FACE_COMPOSITE_CROP}
+    if composite not in modes:
+        raise ValueError(f"composite must be 'paste' or 'crop', got {composite!r}")
+    opts.composite = modes[composite]
+    opts.feather = float(feather)
+    if psi is not None:
+        opts.psi = float(psi)
+    return opts
 
 
 def parse_size(spec: str | None) -> tuple[int, int] | None:

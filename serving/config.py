@@ -20,6 +20,8 @@ class Limits:
     max_waypoints: int = 64         # interpolation waypoints
     psi_range: tuple[float, float] = (-2.0, 2.0)
     default_quality: int = 90       # JPEG / WebP
+    max_photo_size: int = 4096      # Stylize: largest side of an uploaded photo (stylegan2-family models)
+    max_faces: int = 8              # Stylize: faces stylized per photo (the largest ones)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from protos.manifest import GOLDEN_NAME
+from stylecast.faces import to_rgb_u8
 
-from .backends import OrtGraph, img_to_u8, ort_available_providers
+from .backends import OrtGraph, img_to_u8, ort_available_providers, u8_to_img
 from .batcher import BatchItem, DynamicBatcher
 from .config import BatchConfig
 from .errors import InvalidArgument
@@ -36,7 +37,8 @@ INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 def decode_image(data: bytes, max_side: int, max_pixels: int | None = None) -> np.ndarray:
-    """PNG / JPEG / WebP bytes -> img_u8 [H, W, 3] (EXIF orientation applied, converted to RGB). Blocking.
+    """PNG / JPEG / WebP bytes -> img_u8 [H, W, 3] (EXIF orientation applied; grayscale, alpha over white,
+    palette and 16-bit images converted to RGB8 by stylecast.faces.to_rgb_u8). Blocking.
 
     The size is checked from the header before any pixel is decoded (decompression bombs never expand).
 
@@ -44,7 +46,7 @@ def decode_image(data: bytes, max_side: int, max_pixels: int | None = None) -> n
         InvalidArgument: empty, corrupt or unsupported data; a side > max_side or < MIN_SIZE; more than
             max_pixels (default max_side ** 2) pixels.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     if not data:
         raise InvalidArgument("image: empty; send PNG, JPEG or WebP bytes")
@@ -62,8 +64,9 @@ def decode_image(data: bytes, max_side: int, max_pixels: int | None = None) -> n
             if w > max_side or h > max_side or w * h > max_pixels:
                 raise InvalidArgument(f"image: {w}x{h} exceeds the model's limit of {max_side}x{max_side} px "
                                       f"({max_pixels} pixels)")
-            im = ImageOps.exif_transpose(im)  # decodes; the size may swap, the limits above are symmetric
-            arr = np.asarray(im.convert("RGB"))
+            # Decodes, applies EXIF orientation (the size may swap; the limits above are symmetric) and brings
+            # grayscale, alpha, palette and 16-bit images to RGB8.
+            arr = to_rgb_u8(im)
     except InvalidArgument:
         raise
     except MemoryError:
@@ -73,11 +76,6 @@ def decode_image(data: bytes, max_side: int, max_pixels: int | None = None) -> n
     if min(arr.shape[0], arr.shape[1]) < MIN_SIZE:
         raise InvalidArgument(f"image: {arr.shape[1]}x{arr.shape[0]} is smaller than {MIN_SIZE}x{MIN_SIZE} px")
     return np.ascontiguousarray(arr)
-
-
-def u8_to_img(img_u8: np.ndarray) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW in [-1, 1]."""
-    return np.ascontiguousarray(img_u8.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(127.5) - np.float32(1)
 
 
 class FastStyleModel(LoadedModel):

@@ -5,6 +5,11 @@ Models (per StyleGAN2 bundle `<name>`, through the same per-model dynamic batche
 
     <name>            SEED INT64 [-1, 1]  (or Z FP32 [-1, z_dim])  + optional PSI FP32 [-1, 1]  -> IMAGE UINT8 [-1, R, R, 3]
     <name>.synthesis  WS FP32 [-1, num_ws, w_dim]                                                -> IMAGE UINT8 [-1, R, R, 3]
+    <name>.stylize    IMAGE BYTES [-1] (encoded face photos)                       -> STYLIZED BYTES [-1] (PNG)
+
+(`.stylize`: bundles with an encoder or a latent_space served by one; the photo path of StyleService.Stylize with
+request parameters `faces` "largest"|"all"|index, `composite` "paste"|"crop", `psi` (double); BYTES elements are
+4-byte little-endian length-prefixed in raw contents, as tritonclient serialises them)
 
 and per fast_style bundle `<name>`: IMAGE UINT8 [-1, -1, -1, 3] (RGB pixels, any size up to the bundle's
 max_size) -> STYLIZED UINT8 [-1, -1, -1, 3] of the same size.
@@ -27,6 +32,7 @@ import logging
 import math
 import time
 import uuid
+from concurrent.futures import Executor
 from typing import Any, AsyncIterator, Callable
 
 import grpc
@@ -49,9 +55,11 @@ logger = logging.getLogger("serving.kserve")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
 SYNTHESIS_SUFFIX = ".synthesis"
+STYLIZE_SUFFIX = ".stylize"
+MODES = {SYNTHESIS_SUFFIX: "synthesis", STYLIZE_SUFFIX: "stylize"}
 EXTENSIONS = ["model_configuration"]
 DTYPES = {"INT64": (np.int64, mc.TYPE_INT64, "int64_contents"), "FP32": (np.float32, mc.TYPE_FP32, "fp32_contents"),
-          "UINT8": (np.uint8, mc.TYPE_UINT8, "uint_contents")}
+          "UINT8": (np.uint8, mc.TYPE_UINT8, "uint_contents"), "BYTES": (np.object_, mc.TYPE_STRING, "bytes_contents")}
 STREAM_WINDOW = 64  # requests of one stream in flight at once
 DEADLINE_SLACK_S = 0.05
 
@@ -67,13 +75,15 @@ class TensorSpec:
         self.name, self.datatype, self.dims, self.optional = name, datatype, dims, optional  # dims without batch
 
 
-def _specs(model: StyleGAN2Model | FastStyleModel, synthesis: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _specs(model: StyleGAN2Model | FastStyleModel, mode: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     if isinstance(model, FastStyleModel):
         # -1: any height/width (checked against the bundle's max_size per image)
         return [TensorSpec("IMAGE", "UINT8", (-1, -1, 3))], [TensorSpec("STYLIZED", "UINT8", (-1, -1, 3))]
+    if mode == "stylize":
+        return [TensorSpec("IMAGE", "BYTES", (1,))], [TensorSpec("STYLIZED", "BYTES", (1,))]
     r = model.resolution
     out = [TensorSpec("IMAGE", "UINT8", (r, r, 3))]
-    if synthesis:
+    if mode == "synthesis":
         return [TensorSpec("WS", "FP32", (model.num_ws, model.w_dim))], out
     return [TensorSpec("SEED", "INT64", (1,)), TensorSpec("Z", "FP32", (model.z_dim,), optional=True),
             TensorSpec("PSI", "FP32", (1,), optional=True)], out
@@ -89,9 +99,28 @@ def _param(value: Any) -> pb.InferParameter:
     return pb.InferParameter(string_param=str(value))
 
 
+def _unpack_bytes(data: bytes, count: int, name: str) -> list[bytes]:
+    """Triton's BYTES raw layout: each element as a 4-byte little-endian length, then its bytes."""
+    items, pos = [], 0
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise InvalidArgument(f"input {name!r}: truncated BYTES element length")
+        n = int.from_bytes(data[pos: pos + 4], "little")
+        if pos + 4 + n > len(data):
+            raise InvalidArgument(f"input {name!r}: BYTES element {len(items)} claims {n} bytes, "
+                                  f"{len(data) - pos - 4} left")
+        items.append(data[pos + 4: pos + 4 + n])
+        pos += 4 + n
+        if len(items) > count:
+            break
+    return items
+
+
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, limits: Limits, metrics: Metrics,
-                 server_ready: Callable[[], bool] = lambda: True, version: str = ""):
+                 server_ready: Callable[[], bool] = lambda: True, version: str = "",
+                 encode_pool: Executor | None = None):
+        self.encode_pool = encode_pool
         self.repo = repository
         self.limits = limits
         self.metrics = metrics
@@ -100,30 +129,34 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- plumbing -------------------------------------------------------------------------------------------------
 
-    def _split(self, name: str) -> tuple[str, bool]:
-        """KServe model name -> (bundle name, synthesis only)."""
-        if name.endswith(SYNTHESIS_SUFFIX) and name not in self.repo.models:
-            return name[: -len(SYNTHESIS_SUFFIX)], True
-        return name, False
+    def _split(self, name: str) -> tuple[str, str]:
+        """KServe model name -> (bundle name, mode "" | "synthesis" | "stylize")."""
+        for suffix, mode in MODES.items():
+            if name.endswith(suffix) and name not in self.repo.models:
+                return name[: -len(suffix)], mode
+        return name, ""
 
     def _model_label(self, name: str) -> str:
         base, _ = self._split(name)
         return name if base in self.repo.models or self.repo.status(base) is not None else "_unknown"
 
     def _lease(self, name: str, version: str):
-        """(lease, synthesis only); checks kind and version."""
-        base, synthesis = self._split(name)
+        """(lease, mode); checks kind and version."""
+        base, mode = self._split(name)
         if not name:
             raise InvalidArgument("model name is empty")
         lease = self.repo.acquire(base)
         model = lease.model
-        if not isinstance(model, (StyleGAN2Model, FastStyleModel)) or (synthesis and isinstance(model, FastStyleModel)):
+        faceless = mode == "stylize" and not (getattr(model, "encoder", None) is not None
+                                               or getattr(model, "latent_space", ""))
+        if (not isinstance(model, (StyleGAN2Model, FastStyleModel)) or (mode and isinstance(model, FastStyleModel))
+                or faceless):
             lease.release()
             raise ModelNotFound(f"model {name!r} is a {model.kind!r} model, not served over the inference protocol")
         if version and version != model.version:
             lease.release()
             raise ModelNotFound(f"model {name!r} version {version!r} is not available (serving {model.version!r})")
-        return lease, synthesis
+        return lease, mode
 
     def _observe(self, method: str, label: str, code: str, elapsed: float, rid: str, peer: str, detail: str = "",
                  model: str = "") -> None:
@@ -193,9 +226,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         async def run():
-            lease, synthesis = self._lease(request.name, request.version)
+            lease, mode = self._lease(request.name, request.version)
             with lease as model:
-                ins, outs = _specs(model, synthesis)
+                ins, outs = _specs(model, mode)
                 meta = pb.ModelMetadataResponse.TensorMetadata
                 return pb.ModelMetadataResponse(
                     name=request.name, versions=[model.version], platform=_platform(model.backend_name)[0],
@@ -205,9 +238,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
         async def run():
-            lease, synthesis = self._lease(request.name, request.version)
+            lease, mode = self._lease(request.name, request.version)
             with lease as model:
-                ins, outs = _specs(model, synthesis)
+                ins, outs = _specs(model, mode)
                 platform, backend = _platform(model.backend_name)
                 b = model.batch_cfg
                 cfg = mc.ModelConfig(
@@ -255,7 +288,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgument(f"input {t.name!r}: {n} rows, more than the limit of {self.limits.max_seeds}")
             dtype, _, field = DTYPES[spec.datatype]
             count = math.prod(shape)
-            if raw:
+            if spec.datatype == "BYTES":
+                arr = np.empty(count, dtype=object)
+                items = _unpack_bytes(raw[i], count, t.name) if raw else list(t.contents.bytes_contents)
+                if len(items) != count:
+                    raise InvalidArgument(f"input {t.name!r}: {len(items)} elements do not fill shape {list(shape)}")
+                arr[:] = items
+                arr = arr.reshape(shape)
+            elif raw:
                 data = raw[i]
                 if len(data) != count * np.dtype(dtype).itemsize:
                     raise InvalidArgument(f"input {t.name!r}: {len(data)} bytes of raw contents, shape {list(shape)} "
@@ -274,9 +314,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return arrays
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        lease, synthesis = self._lease(request.model_name, request.model_version)
+        lease, mode = self._lease(request.model_name, request.model_version)
         with lease as model:
-            ins, outs = _specs(model, synthesis)
+            ins, outs = _specs(model, mode)
             for o in request.outputs:
                 if o.name not in {t.name for t in outs}:
                     raise InvalidArgument(f"unknown requested output {o.name!r} "
@@ -295,7 +335,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 resp.outputs.add(name="STYLIZED", datatype="UINT8", shape=list(img.shape))
                 resp.raw_output_contents.append(np.ascontiguousarray(img).tobytes())
                 return resp
-            if synthesis:
+            if mode == "stylize":
+                return await self._stylize(model, request, x["IMAGE"][:, 0], deadline)
+            if mode == "synthesis":
                 if "WS" not in x:
                     raise InvalidArgument("input 'WS' is required")
                 ws = x["WS"]
@@ -306,6 +348,46 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         resp.outputs.add(name="IMAGE", datatype="UINT8", shape=list(img.shape))
         resp.raw_output_contents.append(np.ascontiguousarray(img).tobytes())
         return resp
+
+    async def _stylize(self, model: StyleGAN2Model, request: pb.ModelInferRequest, images: np.ndarray,
+                       deadline: float | None) -> pb.ModelInferResponse:
+        """`<name>.stylize`: each encoded photo through the StyleService photo path, answered as PNG bytes."""
+        from . import codecs, photo
+
+        req = self._face_request(request)
+        outs = await asyncio.gather(*(photo.stylize_faces(
+            self.repo, model, bytes(im), req, max_photo_size=self.limits.max_photo_size,
+            max_faces=self.limits.max_faces, pool=self.encode_pool, deadline=deadline) for im in images))
+        loop = asyncio.get_running_loop()
+        pngs = await asyncio.gather(*(loop.run_in_executor(self.encode_pool, codecs.encode, r.image, "png")
+                                      for r in outs))
+        resp = pb.ModelInferResponse(model_name=request.model_name, model_version=model.version, id=request.id)
+        resp.outputs.add(name="STYLIZED", datatype="BYTES", shape=[len(pngs), 1])
+        resp.raw_output_contents.append(b"".join(len(p).to_bytes(4, "little") + p for p in pngs))
+        return resp
+
+    def _face_request(self, request: pb.ModelInferRequest):
+        from . import photo
+
+        params = request.parameters
+        select: str | int = "largest"
+        composite = "paste"
+        if "faces" in params:
+            v = params["faces"].string_param or str(params["faces"].int64_param)
+            if v not in ("largest", "all") and not v.isdigit():
+                raise InvalidArgument(f"parameter 'faces': 'largest', 'all' or an index, got {v!r}")
+            select = int(v) if v.isdigit() else v
+        if "composite" in params:
+            composite = params["composite"].string_param
+            if composite not in ("paste", "crop"):
+                raise InvalidArgument(f"parameter 'composite': 'paste' or 'crop', got {composite!r}")
+        psi = None
+        if "psi" in params:
+            psi = float(params["psi"].double_param)
+            lo, hi = self.limits.psi_range
+            if not (math.isfinite(psi) and lo <= psi <= hi):
+                raise InvalidArgument(f"parameter 'psi' must be in [{lo}, {hi}], got {psi}")
+        return photo.FaceRequest(select=select, composite=composite, psi=psi)
 
     async def _mapped(self, model: StyleGAN2Model, x: dict[str, np.ndarray]) -> np.ndarray:
         if ("SEED" in x) == ("Z" in x):

@@ -20,7 +20,7 @@ from protos.manifest import GOLDEN_NAME
 from protos.manifest import check_bundle_files as _check_bundle_files
 
 from . import latents as L
-from .backends import OrtMapping, SystemProbe, create_synthesis
+from .backends import OrtEncoder, OrtMapping, SystemProbe, create_synthesis, ort_available_providers
 from .batcher import BatchItem, DynamicBatcher
 from .config import BatchConfig
 from .errors import InvalidArgument, ServingError
@@ -32,6 +32,8 @@ logger = logging.getLogger("serving.models")
 # Golden check tolerances on uint8 images: (max level difference, fraction of values allowed to differ).
 U8_TOLERANCE = {"fp32": (1, 0.01), "fp16": (8, 0.25)}
 MAPPING_TOLERANCE = 1e-4
+# The encoder is a deep ResNet: ONNX Runtime and PyTorch fp32 differ by float rounding accumulated over ~100 layers.
+ENCODER_TOLERANCE = 1e-3
 
 
 class BundleRefused(ValueError):
@@ -125,14 +127,19 @@ class StyleGAN2Model(LoadedModel):
     """A StyleGAN2 bundle: mapping.onnx (z -> w, run per request) and synthesis (ws -> uint8, dynamically batched).
 
     `await map(z, psi, cutoff)` -> (w [N, w_dim], ws [N, num_ws, w_dim]) and
-    `await synthesize(ws, deadline)` -> img_u8 [N, R, R, 3] are the whole interface the front ends need.
+    `await synthesize(ws, deadline)` -> img_u8 [N, R, R, 3] are the whole interface the front ends need; a bundle
+    with encoder.onnx adds `await encode(aligned_u8, deadline)` -> ws (dynamically batched too).
     """
 
     kind = "stylegan2"
 
     def __init__(self, name: str, version: str, path: Path, manifest: dict, mapping: OrtMapping, synthesis,
-                 batch: BatchConfig):
+                 batch: BatchConfig, encoder: OrtEncoder | None = None):
         super().__init__(name, version, path, manifest)
+        self.encoder = encoder
+        self.encoder_info: dict = dict(manifest.get("encoder") or {}) if encoder is not None else {}
+        self.encoder_batcher: DynamicBatcher | None = None
+        self.latent_space = str(manifest["model"].get("latent_space") or "")
         m = manifest["model"]
         self.resolution = int(m["resolution"])
         self.z_dim, self.w_dim, self.num_ws = int(m["z_dim"]), int(m["w_dim"]), int(m["num_ws"])
@@ -151,8 +158,13 @@ class StyleGAN2Model(LoadedModel):
     def info(self) -> dict[str, Any]:
         d = super().info()
         d.update(resolution=self.resolution, z_dim=self.z_dim, w_dim=self.w_dim, num_ws=self.num_ws,
-                 default_psi=self.default_psi)
+                 default_psi=self.default_psi, has_encoder=self.encoder is not None, latent_space=self.latent_space)
         return d
+
+    @property
+    def encoder_size(self) -> int:
+        """Side of the aligned crops the encoder takes (0 = no encoder)."""
+        return int(self.encoder_info.get("input_size", 0))
 
     # -- loading (blocking; runs in a loader thread) ----------------------------------------------------------
 
@@ -167,14 +179,29 @@ class StyleGAN2Model(LoadedModel):
         try:
             mapping = OrtMapping(path / graphs["mapping"]["file"], threads)
             synthesis = create_synthesis(path, manifest, backend, threads, probe)
+            encoder = None
+            if "encoder" in graphs:
+                providers = [p for p in ("CUDAExecutionProvider",) if p in ort_available_providers()]
+                encoder = OrtEncoder(path / graphs["encoder"]["file"], providers + ["CPUExecutionProvider"], threads)
         except ServingError:
             raise
         except Exception as exc:  # ORT refuses a graph, TensorRT forced but unusable, ...
             raise BundleRefused(f"cannot load graphs: {exc}") from exc
-        model = cls(manifest["name"], version, path, manifest, mapping, synthesis, batch or BatchConfig())
+        model = cls(manifest["name"], version, path, manifest, mapping, synthesis, batch or BatchConfig(), encoder)
         if golden_check:
             model.check_golden()
+        if encoder is not None or model.latent_space:
+            model.warm_face_models()
         return model
+
+    def warm_face_models(self) -> None:
+        """Load dlib's face models now (once per process, ~1 s), not on the first Stylize request. Missing models
+        only disable Stylize (it answers FAILED_PRECONDITION); Generate keeps working."""
+        from stylecast.faces import FaceModelsError, get_aligner
+        try:
+            get_aligner()
+        except FaceModelsError as exc:
+            log(logger, logging.WARNING, "face models unavailable: Stylize disabled", model=self.name, error=str(exc))
 
     def check_golden(self) -> None:
         """Run golden.npz through mapping and synthesis; raise BundleRefused outside the tolerances."""
@@ -203,8 +230,28 @@ class StyleGAN2Model(LoadedModel):
         if int(diff.max()) > max_diff or frac > max_frac:
             raise BundleRefused(f"golden check failed: synthesis differs from golden by up to {int(diff.max())} "
                                 f"levels in {frac:.2%} of values (tolerance {max_diff} / {max_frac:.0%})")
+        err_enc = self._check_golden_encoder() if self.encoder is not None else None
         log(logger, logging.INFO, "golden check passed", model=self.name, version=self.version,
-            mapping_max_abs=err_w, synthesis_max_diff=int(diff.max()), synthesis_frac_diff=frac)
+            mapping_max_abs=err_w, synthesis_max_diff=int(diff.max()), synthesis_frac_diff=frac,
+            encoder_max_abs=err_enc)
+
+    def _check_golden_encoder(self) -> float:
+        """The encoder on golden aligned crops against the PyTorch ws; raise BundleRefused beyond the tolerance."""
+        keys = self.encoder_info["golden"]
+        try:
+            with np.load(self.path / self.manifest["golden"].get("file", GOLDEN_NAME), allow_pickle=False) as g:
+                img_u8, ref = g[keys["img_u8"]], g[keys["ws"]]
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise BundleRefused(f"golden.npz: encoder inputs unreadable: {exc}") from exc
+        ws = self.encoder(img_u8)
+        if ws.shape != ref.shape or ws.shape[1:] != (self.num_ws, self.w_dim):
+            raise BundleRefused(f"golden check failed: encoder output {list(ws.shape)}, golden {list(ref.shape)}, "
+                                f"synthesis takes [N, {self.num_ws}, {self.w_dim}]")
+        err = float(np.abs(ws.astype(np.float64) - ref).max())
+        if not err <= ENCODER_TOLERANCE:
+            raise BundleRefused(f"golden check failed: encoder max |ws - golden| = {err:.3g} "
+                                f"(tolerance {ENCODER_TOLERANCE})")
+        return err
 
     # -- serving ----------------------------------------------------------------------------------------------
 
@@ -216,6 +263,25 @@ class StyleGAN2Model(LoadedModel):
                                       max_queue_delay_s=b.max_queue_delay_ms / 1000, max_queue=b.max_queue,
                                       executor=executor, metrics=metrics)
         self.batcher.start()
+        if self.encoder is not None:
+            self.encoder_batcher = DynamicBatcher(f"{self.name}.encoder", self.encoder, max_batch=b.max_batch,
+                                                  max_queue_delay_s=b.max_queue_delay_ms / 1000,
+                                                  max_queue=b.max_queue, executor=executor, metrics=metrics)
+            self.encoder_batcher.start()
+
+    async def encode(self, aligned_u8: np.ndarray, deadline: float | None = None,
+                     stats: dict[str, float] | None = None) -> np.ndarray:
+        """FFHQ-aligned crops img_u8 [N, S, S, 3] (S = encoder_size) -> ws [N, num_ws, w_dim] float32."""
+        if self.encoder_batcher is None:
+            raise ServingError(f"model {self.name!r} has no encoder", code="FAILED_PRECONDITION")
+        s = self.encoder_size
+        if aligned_u8.ndim != 4 or aligned_u8.shape[1:] != (s, s, 3) or aligned_u8.dtype != np.uint8:
+            raise InvalidArgument(f"aligned faces must be uint8 [N, {s}, {s}, 3], got {aligned_u8.dtype} "
+                                  f"{list(aligned_u8.shape)}")
+        out, queue_s = await self.encoder_batcher.submit(np.ascontiguousarray(aligned_u8), deadline)
+        if stats is not None:
+            stats["encoder_queue_s"] = queue_s
+        return out
 
     def psi_or_default(self, psi: float | None) -> float:
         return self.default_psi if psi is None else float(psi)
@@ -272,9 +338,12 @@ class StyleGAN2Model(LoadedModel):
         return self.batcher.enqueue(self._check_ws(ws), deadline)
 
     async def close(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.close()
-        for runner in (self.synthesis, self.mapping):
+        for batcher in (self.batcher, self.encoder_batcher):
+            if batcher is not None:
+                await batcher.close()
+        for runner in (self.synthesis, self.mapping, self.encoder):
+            if runner is None:
+                continue
             try:
                 runner.close()
             except Exception as exc:  # never let a failing close stop an unload

@@ -148,6 +148,27 @@ class ModelRepository:
         known = ", ".join(sorted(self.models)) or "none"
         raise ModelNotFound(f"unknown model {name!r} (ready models: {known})")
 
+    def encoder_for(self, model: LoadedModel) -> Lease:
+        """A lease on the model whose encoder serves `model`'s latent space: the model itself when its bundle has an
+        encoder, else a READY bundle with an encoder declaring the same `latent_space` (first by name).
+
+        Raises:
+            ModelNotReady: no encoder for that latent space is loaded.
+        """
+        if getattr(model, "encoder", None) is not None:
+            return Lease(model)
+        space = getattr(model, "latent_space", "")
+        if space:
+            for name in sorted(self.models):
+                m = self.models[name]
+                if (m.accepting and getattr(m, "encoder", None) is not None and getattr(m, "latent_space", "") == space
+                        and getattr(m, "num_ws", None) == getattr(model, "num_ws", None)
+                        and getattr(m, "w_dim", None) == getattr(model, "w_dim", None)):
+                    return Lease(m)
+        why = (f"no loaded bundle has an encoder for its latent space {space!r}" if space else
+               "its bundle has no encoder and declares no latent_space (export it with --encoder or --encoder-from)")
+        raise ModelNotReady(f"{model.kind} model {model.name!r} cannot stylize photos: {why}")
+
     def _entry_named(self, name: str) -> BundleEntry | None:
         for e in self.entries.values():
             if e.name == name and e.model is None:

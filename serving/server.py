@@ -91,7 +91,8 @@ class StyleServer:
         style_pb2_grpc.add_StyleServiceServicer_to_server(
             StyleServicer(repo, cfg.limits, self.metrics, self._encode_pool), server)
         kserve.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            kserve.KServeServicer(repo, cfg.limits, self.metrics, server_ready=self._ready, version=_version()), server)
+            kserve.KServeServicer(repo, cfg.limits, self.metrics, server_ready=self._ready, version=_version(),
+                                  encode_pool=self._encode_pool), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, kserve.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                              reflection.SERVICE_NAME), server)

@@ -26,6 +26,7 @@ from protos.stylecast.v1 import style_pb2_grpc as pb_grpc
 
 from . import codecs
 from . import latents as L
+from . import photo
 from .batcher import cancel_items
 from .config import Limits
 from .errors import InvalidArgument, ModelNotFound, QueueFull, ServingError
@@ -131,7 +132,22 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
                             z_dim=i.get("z_dim", 0), w_dim=i.get("w_dim", 0), num_ws=i.get("num_ws", 0),
                             default_psi=i.get("default_psi", 0.0), backend=i.get("backend", ""),
                             max_batch=i.get("max_batch", 0), description=i.get("description", ""),
-                            bundle=s.bundle, max_image_size=i.get("max_size", 0))
+                            bundle=s.bundle, max_image_size=i.get("max_size", 0),
+                            has_encoder=bool(i.get("has_encoder", False)), latent_space=i.get("latent_space", ""),
+                            encoder_model=self._encoder_name(s))
+
+    def _encoder_name(self, s: ModelStatus) -> str:
+        """The model whose encoder Stylize would use for this model ("" = none, or not a face model)."""
+        if not s.ready or s.kind == "fast_style":
+            return ""
+        model = self.repo.models.get(s.name)
+        if model is None:
+            return ""
+        try:
+            with self.repo.encoder_for(model) as enc:
+                return enc.name
+        except ServingError:
+            return ""
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async def run(context, rid, extra):
@@ -357,13 +373,14 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
 
     # -- Stylize / StylizeStream (fast_style models) --------------------------------------------------------------
 
-    @staticmethod
-    def _stylizer(leased) -> FastStyleModel:
-        if not isinstance(leased, FastStyleModel):
-            why = (" (stylizing photos with a stylegan2 model needs face alignment and an encoder, which this "
-                   "server version does not have)" if leased.kind == "stylegan2" else "")
-            raise ServingError(f"model {leased.name!r} is a {leased.kind!r} model; Stylize needs a fast_style "
-                               f"model{why}", code="FAILED_PRECONDITION")
+    def _stylizer(self, leased):
+        """The leased model if it can stylize photos (a fast_style model, or a face model with an encoder for its
+        latent space); else FAILED_PRECONDITION, which ends a StylizeStream before any frame."""
+        if not isinstance(leased, (FastStyleModel, StyleGAN2Model)):
+            raise ServingError(f"model {leased.name!r} is a {leased.kind!r} model, which cannot stylize photos",
+                               code="FAILED_PRECONDITION")
+        if isinstance(leased, StyleGAN2Model):
+            self.repo.encoder_for(leased).release()
         return leased
 
     def _format(self, opts: cpb.OutputOptions) -> tuple[str, int]:
@@ -378,14 +395,21 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
             raise InvalidArgument(f"output size {opts.width}x{opts.height} exceeds the limit of {mx}x{mx}")
         return fmt, quality
 
-    def _size(self, opts: cpb.OutputOptions, hw: tuple[int, int]) -> tuple[int, int]:
+    def _size(self, opts: cpb.OutputOptions, hw: tuple[int, int], limit: int = 0) -> tuple[int, int]:
+        """Output size for an input of (height, width): an explicit size obeys max_output_size; the input's own
+        size may be up to `limit` (a pasted-back photo keeps its size)."""
         size = codecs.output_size(hw, opts.width, opts.height)
-        mx = self.limits.max_output_size
+        mx = self.limits.max_output_size if (opts.width or opts.height) else max(limit, self.limits.max_output_size)
         if max(size) > mx:
             raise InvalidArgument(f"output size {size[0]}x{size[1]} exceeds the limit of {mx}x{mx}")
         return size
 
-    async def _stylize_one(self, model: FastStyleModel, request: pb.StylizeRequest,
+    async def _stylize_one(self, model, request: pb.StylizeRequest, deadline: float | None) -> pb.StylizeResponse:
+        if isinstance(model, FastStyleModel):
+            return await self._stylize_whole(model, request, deadline)
+        return await self._stylize_faces(model, request, deadline)
+
+    async def _stylize_whole(self, model: FastStyleModel, request: pb.StylizeRequest,
                            deadline: float | None) -> pb.StylizeResponse:
         """Decode (thread pool), stylize (batcher), encode (thread pool) one image."""
         t0 = time.perf_counter()
@@ -403,6 +427,35 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
                               encode_ms=(t2 - t1) * 1000, total_ms=(t2 - t0) * 1000)
         return pb.StylizeResponse(image=cpb.Image(data=data, format=FORMAT_ENUM[fmt], width=w, height=h),
                                   model=model.name, model_version=model.version, timings=timings)
+
+    async def _stylize_faces(self, model: StyleGAN2Model, request: pb.StylizeRequest,
+                             deadline: float | None) -> pb.StylizeResponse:
+        """A face photo through a stylegan2-family model (serving.photo.stylize_faces), then the image encoding."""
+        t0 = time.perf_counter()
+        fmt, quality = self._format(request.output)
+        req = photo.parse_face_options(request.face, self.limits.psi_range)
+        res = await photo.stylize_faces(self.repo, model, request.image, req, max_photo_size=self.limits.max_photo_size,
+                                        max_faces=self.limits.max_faces, pool=self.encode_pool, deadline=deadline)
+        t1 = time.perf_counter()
+        limit = self.limits.max_photo_size if req.composite == "paste" else 0
+        size = self._size(request.output, (res.image.shape[0], res.image.shape[1]), limit=limit)
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(self.encode_pool, codecs.encode, res.image, fmt, quality, size)
+        faces = [photo.detected(a) for a in res.faces]
+        if req.composite == "crop" and len(res.crops) > 1:
+            extra = await asyncio.gather(*[loop.run_in_executor(self.encode_pool, codecs.encode, c, fmt, quality,
+                                                                size) for c in res.crops])
+            for f, d in zip(faces, extra):
+                f.crop.CopyFrom(cpb.Image(data=d, format=FORMAT_ENUM[fmt], width=size[0], height=size[1]))
+        t2 = time.perf_counter()
+        sec, ms = res.seconds, 1000.0
+        timings = cpb.Timings(queue_ms=sec["queue"] * ms, decode_ms=sec["decode"] * ms, align_ms=sec["align"] * ms,
+                              encoder_ms=sec["encoder"] * ms, synthesis_ms=sec["synthesis"] * ms,
+                              composite_ms=sec["composite"] * ms, encode_ms=(t2 - t1) * ms,
+                              total_ms=(t2 - t0) * ms)
+        w, h = size
+        return pb.StylizeResponse(image=cpb.Image(data=data, format=FORMAT_ENUM[fmt], width=w, height=h),
+                                  model=model.name, model_version=model.version, timings=timings, faces=faces)
 
     async def Stylize(self, request: pb.StylizeRequest, context) -> pb.StylizeResponse:
         return await self._call("Stylize", request.model, context, self._stylize, request)

@@ -100,17 +100,28 @@ def engine_cmd(onnx_path: Path, out: Path, precision: str, min_batch: int, opt_b
               help="Also build TensorRT engines of these precisions (needs tensorrt or tensorrt_rtx).")
 @click.option("--simplify/--no-simplify", default=False, help="Run onnxsim when installed.")
 @click.option("--verify/--no-verify", default=True, help="Run `export verify` on the result.")
+@click.option("--encoder", type=click.Path(path_type=Path), default=None,
+              help="pSp / e4e encoder (official .pt or stylecast dir) for this generator: adds encoder.onnx so "
+                   "the server can Stylize face photos.")
+@click.option("--latent-space", default=None,
+              help="Id of the W+ space this synthesis accepts (default with --encoder: the bundle name).")
+@click.option("--encoder-from", type=click.Path(path_type=Path), default=None,
+              help="A bundle with an encoder whose latent space this adapted model (NADA, blended, finetuned "
+                   "from that base) shares; the server then stylizes photos with that bundle's encoder.")
 def bundle_cmd(checkpoint: Path, out: Path, name: str | None, default_psi: float, fp16: bool,
-               engines: tuple[str, ...], simplify: bool, verify: bool) -> None:
-    """Build an immutable serving bundle: manifest, mapping/synthesis ONNX, golden outputs.
+               engines: tuple[str, ...], simplify: bool, verify: bool, encoder: Path | None,
+               latent_space: str | None, encoder_from: Path | None) -> None:
+    """Build an immutable serving bundle: manifest, mapping/synthesis ONNX, golden outputs (+ encoder.onnx).
 
     \b
-    Example:
-      stylecast export bundle --checkpoint ffhq.pt --out models/ffhq --name ffhq --default-psi 0.7
+    Examples:
+      stylecast export bundle --checkpoint ffhq.pt --out models/ffhq --name ffhq --encoder psp_ffhq_encode.pt
+      stylecast export bundle --checkpoint pixar.pt --out models/pixar --encoder-from models/ffhq
     """
     from export.bundle import BundleOptions, build_bundle, verify_bundle
 
-    opts = BundleOptions(name=name, default_psi=default_psi, fp16=fp16, engines=list(engines), simplify=simplify)
+    opts = BundleOptions(name=name, default_psi=default_psi, fp16=fp16, engines=list(engines), simplify=simplify,
+                         encoder=encoder, latent_space=latent_space, encoder_from=encoder_from)
     path = build_bundle(checkpoint, out, opts, progress=sys.stderr.isatty())
     click.echo(f"wrote bundle {path}")
     if verify:

@@ -23,6 +23,10 @@ import click
               help="Queued rows per model before requests get RESOURCE_EXHAUSTED.")
 @click.option("--max-seeds", type=click.IntRange(1, 100_000), default=64, help="Latents per Generate request.")
 @click.option("--max-output-size", type=click.IntRange(1, 16384), default=2048, help="Largest output width/height.")
+@click.option("--max-photo-size", type=click.IntRange(64, 16384), default=4096,
+              help="Stylize (face models): largest side of an uploaded photo.")
+@click.option("--max-faces", type=click.IntRange(1, 256), default=8,
+              help="Stylize (face models): faces stylized per photo (the largest ones).")
 @click.option("--max-message-mb", type=click.IntRange(1, 2047), default=64, help="gRPC message size limit.")
 @click.option("--reload-interval", type=click.FloatRange(0, 3600), default=2.0,
               help="Seconds between model repository scans (0 = never reload).")
@@ -36,7 +40,8 @@ import click
               help="Seconds in-flight requests get to finish on SIGTERM / SIGINT.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve(models_dir: Path, host: str, port: int, metrics_port: int, backend: str, max_batch: int,
-          max_queue_delay_ms: float, max_queue: int, max_seeds: int, max_output_size: int, max_message_mb: int,
+          max_queue_delay_ms: float, max_queue: int, max_seeds: int, max_output_size: int, max_photo_size: int,
+          max_faces: int, max_message_mb: int,
           reload_interval: float, threads: int, auth_token_file: Path | None, tls_cert: Path | None,
           tls_key: Path | None, grace: float, log_level: str) -> None:
     """Serve every bundle in a directory over gRPC (StyleService, health, reflection) with dynamic batching.
@@ -62,7 +67,8 @@ def serve(models_dir: Path, host: str, port: int, metrics_port: int, backend: st
     config = ServerConfig(
         models_dir=models_dir, host=host, port=port, metrics_port=metrics_port, backend=backend,
         batch=BatchConfig(max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue),
-        limits=Limits(max_seeds=max_seeds, max_output_size=max_output_size), max_message_mb=max_message_mb,
+        limits=Limits(max_seeds=max_seeds, max_output_size=max_output_size, max_photo_size=max_photo_size,
+                      max_faces=max_faces), max_message_mb=max_message_mb,
         reload_interval_s=reload_interval, threads=threads,
         auth_tokens=load_tokens(auth_token_file) if auth_token_file else (), tls_cert=tls_cert, tls_key=tls_key,
         grace_s=grace)

@@ -1,0 +1,60 @@
+"""Export pSp / e4e encoders (Richardson et al., CVPR 2021; Tov et al., SIGGRAPH 2021) to ONNX: an FFHQ-aligned
+face img [N, 3, S, S] in [-1, 1] -> ws [N, num_ws, w_dim], dynamic batch, latent_avg folded in.
+
+The bundle's golden encoder inputs are faces the bundle's own generator draws (seeds GOLDEN_SEEDS), resized to the
+encoder's input size and quantised to uint8 exactly as the server feeds aligned photos, so serving can check the
+graph against PyTorch without any photo or face model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from training.inversion.encoders import GradualStyleEncoder
+from training.networks.stylegan2 import Generator, seeds_to_z
+
+from .onnx_export import DEFAULT_OPSET, GraphInfo, _export, _io_info, img_to_uint8
+
+GOLDEN_SEEDS = (0, 1, 2)
+
+
+class EncoderGraph(nn.Module):
+    """The traced module: img -> ws (the encoder's forward without its Python-side input checks)."""
+
+    def __init__(self, encoder: GradualStyleEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.encoder(img)
+
+
+def export_encoder(encoder: GradualStyleEncoder, path: str | Path, opset: int = DEFAULT_OPSET) -> GraphInfo:
+    """Write encoder.onnx: img [N, 3, S, S] float32 in [-1, 1] (S = encoder.cfg.input_size) -> ws float32."""
+    path = Path(path)
+    encoder = encoder.eval().cpu()
+    s = encoder.cfg.input_size
+    img = torch.rand(2, 3, s, s) * 2 - 1
+    _export(EncoderGraph(encoder), (img,), path, ["img"], ["ws"], {"img": {0: "N"}, "ws": {0: "N"}}, opset)
+    ins, outs, nodes = _io_info(path)
+    return GraphInfo(path, ins, outs, nodes, path.stat().st_size)
+
+
+def u8_to_img(img_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW in [-1, 1] (x / 127.5 - 1), the server's conversion of aligned crops."""
+    return img_u8.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+
+
+def encoder_golden(encoder: GradualStyleEncoder, G: Generator) -> dict[str, np.ndarray]:
+    """Golden encoder check: `enc_img_u8` [K, S, S, 3] (G's faces at the encoder's size) and `enc_ws` (PyTorch)."""
+    encoder = encoder.eval().cpu()
+    G = G.eval().cpu()
+    with torch.no_grad():
+        img = G(seeds_to_z(list(GOLDEN_SEEDS), G.z_dim), psi=0.7, impl="ref")
+        faces_u8 = img_to_uint8(encoder.preprocess(img.clamp(-1, 1)))
+        ws = encoder(u8_to_img(faces_u8))
+    return {"enc_img_u8": faces_u8.numpy(), "enc_ws": ws.numpy().astype(np.float32)}

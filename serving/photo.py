@@ -1,0 +1,139 @@
+"""Face photos for StyleGAN2-family bundles: decode -> detect + FFHQ-align (dlib) -> encode to W+ -> render ->
+paste back (Richardson et al., "Encoding in Style: a StyleGAN Encoder for Image-to-Image Translation", CVPR 2021,
+as the serving path of a face stylizer).
+
+The blocking steps (`decode`, `find_faces`, `composite`) run in the server's encode thread pool; the encoder and the
+synthesis run through their models' dynamic batchers. `stylecast.faces` does the geometry (torch-free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protos.stylecast.v1 import style_pb2 as pb
+from stylecast import faces as F
+
+from . import latents as L
+from .errors import InvalidArgument, ServingError
+from .fast_style_model import decode_image
+
+DEFAULT_FEATHER = 0.08
+MAX_FEATHER = 0.5
+
+
+@dataclass(frozen=True)
+class FaceRequest:
+    """Parsed FaceOptions: which faces, how to composite them, and the optional pull towards w_avg."""
+
+    select: str | int = "largest"
+    composite: str = "paste"     # "paste" (back into the photo) or "crop" (the aligned stylized crop)
+    feather: float = DEFAULT_FEATHER
+    psi: float | None = None
+
+
+def parse_face_options(msg: pb.FaceOptions, psi_range: tuple[float, float]) -> FaceRequest:
+    """FaceOptions -> FaceRequest. Raises InvalidArgument on out-of-range values."""
+    if msg.select in (pb.FACE_SELECTION_UNSPECIFIED, pb.FACE_SELECTION_LARGEST):
+        select: str | int = "largest"
+    elif msg.select == pb.FACE_SELECTION_ALL:
+        select = "all"
+    elif msg.select == pb.FACE_SELECTION_INDEX:
+        select = int(msg.index)
+    else:
+        raise InvalidArgument(f"unknown face selection {msg.select}")
+    if msg.composite in (pb.FACE_COMPOSITE_UNSPECIFIED, pb.FACE_COMPOSITE_PASTE_BACK):
+        composite = "paste"
+    elif msg.composite == pb.FACE_COMPOSITE_CROP:
+        composite = "crop"
+    else:
+        raise InvalidArgument(f"unknown face composite mode {msg.composite}")
+    feather = float(msg.feather) or DEFAULT_FEATHER
+    if not 0.0 < feather <= MAX_FEATHER:
+        raise InvalidArgument(f"face feather must be in (0, {MAX_FEATHER}], got {msg.feather}")
+    psi = float(msg.psi) if msg.HasField("psi") else None
+    if psi is not None and not (np.isfinite(psi) and psi_range[0] <= psi <= psi_range[1]):
+        raise InvalidArgument(f"face psi must be in [{psi_range[0]}, {psi_range[1]}], got {msg.psi}")
+    return FaceRequest(select=select, composite=composite, feather=feather, psi=psi)
+
+
+def aligner() -> F.FaceAligner:
+    """The process-wide dlib aligner (loaded once, ~100 MB). Raises ServingError FAILED_PRECONDITION when dlib or
+    its models are missing."""
+    try:
+        return F.get_aligner()
+    except F.FaceModelsError as exc:
+        raise ServingError(f"face alignment unavailable on this server: {exc}", code="FAILED_PRECONDITION") from None
+
+
+def find_faces(img_u8: np.ndarray, req: FaceRequest, size: int, max_faces: int) -> list[F.AlignedFace]:
+    """Detect, choose and align faces (largest first) at `size` px. Blocking.
+
+    Raises:
+        ServingError FAILED_PRECONDITION: no face (or no face with that index) in the photo.
+    """
+    try:
+        chosen = aligner().select(img_u8, req.select, what="the photo")
+        return [F.align_face(img_u8, face, size) for face in chosen[:max_faces]]
+    except F.NoFaceError as exc:
+        raise ServingError(str(exc), code="FAILED_PRECONDITION") from None
+    except F.FaceError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def composite(photo_u8: np.ndarray, aligned: list[F.AlignedFace], stylized_u8: np.ndarray,
+              req: FaceRequest) -> np.ndarray:
+    """Paste each stylized crop [F, R, R, 3] back into the photo (largest face last, so it ends on top). Blocking."""
+    out = photo_u8
+    for face, crop in reversed(list(zip(aligned, stylized_u8))):
+        out = F.paste_back(out, np.ascontiguousarray(crop), face.quad, feather=req.feather)
+    return out
+
+
+def detected(face: F.AlignedFace) -> pb.DetectedFace:
+    box = face.face.box if face.face is not None else (0.0, 0.0, 0.0, 0.0)
+    score = face.face.score if face.face is not None else 0.0
+    return pb.DetectedFace(left=box[0], top=box[1], right=box[2], bottom=box[3], score=score)
+
+
+@dataclass
+class FaceResult:
+    """What `stylize_faces` made: the composited photo (or the first crop), the faces used, every stylized crop
+    [F, R, R, 3], and the seconds spent per stage (decode, align, encoder, synthesis, composite, queue)."""
+
+    image: np.ndarray
+    faces: list[F.AlignedFace]
+    crops: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+async def stylize_faces(repo, model, image: bytes, req: FaceRequest, *, max_photo_size: int, max_faces: int,
+                        pool: Executor | None, deadline: float | None) -> FaceResult:
+    """The whole photo path for a stylegan2 model: decode, align (encode pool), encode with the encoder serving the
+    model's latent space, optional psi towards w_avg, synthesize, composite (encode pool)."""
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    stats: dict[str, float] = {}
+    with repo.encoder_for(model) as enc:
+        img = await loop.run_in_executor(pool, decode_image, image, max_photo_size)
+        t1 = time.perf_counter()
+        aligned = await loop.run_in_executor(pool, find_faces, img, req, enc.encoder_size, max_faces)
+        t2 = time.perf_counter()
+        ws = await enc.encode(np.stack([a.img_u8 for a in aligned]), deadline, stats)
+    if req.psi is not None:
+        ws = L.truncate(ws, model.w_avg, req.psi, None)
+    t3 = time.perf_counter()
+    crops = await model.synthesize(ws, deadline, stats)  # [F, R, R, 3]
+    t4 = time.perf_counter()
+    if req.composite == "paste":
+        out = await loop.run_in_executor(pool, composite, img, aligned, crops, req)
+    else:
+        out = crops[0]
+    t5 = time.perf_counter()
+    seconds = {"decode": t1 - t0, "align": t2 - t1, "encoder": t3 - t2, "synthesis": t4 - t3,
+               "composite": t5 - t4, "queue": stats.get("queue_s", 0.0) + stats.get("encoder_queue_s", 0.0)}
+    return FaceResult(out, aligned, crops, seconds)
