@@ -174,3 +174,62 @@ def stream_cmd(model: str, seeds: str | None, interpolate: str | None, steps: in
                 n += 1
         _rpc(consume)
     click.echo(f"wrote {n} frame(s) to {outdir}")
+
+
+@client.command("stylize", context_settings=CTX)
+@click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", required=True, help="Model name (a fast_style model, or a face model with an encoder).")
+@click.option("--outdir", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--faces", default="largest", help="Face models: 'largest', 'all' or an index (largest first).")
+@click.option("--composite", type=click.Choice(["paste", "crop"]), default="paste",
+              help="Face models: paste the stylized face(s) back into the photo, or return the aligned crop(s).")
+@click.option("--feather", type=click.FloatRange(0, 0.5), default=0.0, help="Paste-back seam width (0 = 0.08).")
+@click.option("--psi", type=float, default=None, help="Face models: pull the encoded latents towards w_avg.")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp", "raw"]), default="png")
+@click.option("--quality", type=click.IntRange(0, 100), default=0, help="JPEG/WebP quality (0 = 90).")
+@click.option("--size", default=None, help="Output size, e.g. 512 or 640x480 (default: the photo's / crop's).")
+@_conn_options
+def stylize_cmd(photos: tuple[Path, ...], model: str, outdir: Path, faces: str, composite: str, feather: float,
+                psi: float | None, fmt: str, quality: int, size: str | None, server: str, token_file: Path | None,
+                tls: bool, tls_ca: Path | None, timeout: float) -> None:
+    """Stylize photos on the server; writes <photo stem>.<model>.png (and .faceK for every crop of --faces all).
+
+    Several photos go through one StylizeStream; a photo that fails (no face, corrupt) is reported and the others
+    are still written (exit code 1 when any failed).
+
+    \b
+    Examples:
+      stylecast client stylize --model toon --outdir out/ me.jpg
+      stylecast client stylize --model toon --faces all --composite crop --outdir out/ group.jpg
+    """
+    from serving.client import _image, parse_size
+    if faces not in ("largest", "all") and not faces.isdigit():
+        raise ValueError(f"--faces must be 'largest', 'all' or an index, got {faces!r}")
+    opts = dict(faces=int(faces) if faces.isdigit() else faces, composite=composite, feather=feather, psi=psi,
+                fmt=fmt, quality=quality, size=parse_size(size))
+    outdir.mkdir(parents=True, exist_ok=True)
+    failed = written = 0
+    with _client(server, token_file, tls, tls_ca, timeout) as c:
+        def consume() -> None:
+            nonlocal failed, written
+            if len(photos) == 1:
+                responses = [c.stylize_raw(c.stylize_request(model, photos[0].read_bytes(), **opts))]
+            else:
+                responses = c.stylize_stream(model, (p.read_bytes() for p in photos), **opts)
+            for i, resp in enumerate(responses):
+                src = photos[resp.index if len(photos) > 1 else i]
+                if resp.error:
+                    click.echo(f"{src}: {resp.error_code}: {resp.error}", err=True)
+                    failed += 1
+                    continue
+                img = _image(resp.image)
+                img.save(outdir / f"{src.stem}.{model}{img.extension}")
+                written += 1
+                for k, face in enumerate(resp.faces):
+                    if face.crop.data and k > 0:
+                        crop = _image(face.crop)
+                        crop.save(outdir / f"{src.stem}.{model}.face{k}{crop.extension}")
+        _rpc(consume)
+    click.echo(f"wrote {written} image(s) to {outdir}" + (f"; {failed} photo(s) failed" if failed else ""))
+    if failed:
+        raise SystemExit(1)
