@@ -151,13 +151,45 @@ def all_reduce_mean(values: Mapping[str, float], env: DistEnv) -> dict[str, floa
 
 
 def all_reduce_grads_mean(params: list[nn.Parameter], env: DistEnv) -> None:
-    """Average .grad over the ranks by hand (for parameters trained outside a DDP module, e.g. latent codes)."""
+    """Average .grad over the ranks by hand, in one flattened all-reduce (for parameters trained outside a DDP
+    module: GAN generator/discriminator phases with several backward passes per step, as NVlabs'
+    stylegan2-ada-pytorch does it, or latent codes). A parameter without a gradient on this rank counts as zero."""
     if not env.distributed:
         return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= env.world_size
+    offset = 0
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= env.world_size
+        n = p.numel()
+        g = flat[offset: offset + n].view_as(p)
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+        offset += n
+
+
+def all_reduce_tensor_mean_(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """In-place mean of a tensor (e.g. a running-average buffer) over the ranks; returns t."""
+    if env.distributed:
+        dist.all_reduce(t)
+        t /= env.world_size
+    return t
+
+
+def all_reduce_sum(values: Mapping[str, float], env: DistEnv) -> dict[str, float]:
+    """Sum scalar statistics over the ranks (every rank gets the same dict)."""
+    if not env.distributed or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
 def broadcast_object(obj: Any, env: DistEnv) -> Any:
@@ -178,5 +210,6 @@ def any_true(flag: bool, env: DistEnv) -> bool:
     return bool(t.item() > 0)
 
 
-__all__ = ["DistEnv", "all_reduce_grads_mean", "all_reduce_mean", "any_true", "barrier", "broadcast_object",
-           "check_batch", "env_world_size", "init", "local_slice", "no_sync", "shutdown", "unwrap", "wrap"]
+__all__ = ["DistEnv", "all_reduce_grads_mean", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor_mean_",
+           "any_true", "barrier", "broadcast_object", "check_batch", "env_world_size", "init", "local_slice", "no_sync",
+           "shutdown", "unwrap", "wrap"]

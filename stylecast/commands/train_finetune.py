@@ -22,8 +22,9 @@ _RESUME_MUTABLE = {"kimg", "snapshot_kimg"}
 
 
 @contextlib.contextmanager
-def _dataset_warnings(limit: int = 10) -> Iterator[None]:
-    """Show each skipped dataset file as one 'warning:' line (the first `limit`), also when loading fails."""
+def _dataset_warnings(show: bool = True, limit: int = 10) -> Iterator[None]:
+    """Show each skipped dataset file as one 'warning:' line (the first `limit`), also when loading fails (only
+    where `show`: the first process of a torchrun job)."""
     from training.finetune.dataset import DatasetWarning
 
     with warnings.catch_warnings(record=True) as caught:
@@ -31,7 +32,7 @@ def _dataset_warnings(limit: int = 10) -> Iterator[None]:
         try:
             yield
         finally:
-            skipped = [w for w in caught if issubclass(w.category, DatasetWarning)]
+            skipped = [w for w in caught if issubclass(w.category, DatasetWarning)] if show else []
             for w in skipped[:limit]:
                 click.echo(f"warning: {w.message}", err=True)
             if len(skipped) > limit:
@@ -87,17 +88,22 @@ def finetune(ctx: click.Context, checkpoint: Path | None, data: Path | None, kim
     G EMA with ramp-up, Freeze-D, optional ADA-style augmentation; D comes from the checkpoint when it has
     one, otherwise it starts fresh. Writes OUTDIR/NNNNN-finetune-DATA/ with config.json, stats.jsonl,
     samples/*.png, network-snapshot-*/ (native) + .pt (rosinality) and state/ for --resume.
+    Data parallel on several GPUs (or CPU processes, gloo): start the same command with torchrun; --batch is the
+    global batch, split evenly over the processes; only the first process writes.
     \b
     Examples:
       stylecast train finetune --checkpoint ffhq256.pt --data toons/ --kimg 50 --mirror --augment ada \\
           --freeze-d 2 --outdir runs/
       stylecast train finetune --resume runs/00003-finetune-toons --kimg 80
+      torchrun --nproc_per_node 4 -m stylecast train finetune --checkpoint ffhq256.pt --data toons/ --kimg 50 \\
+          --batch 32 --outdir runs/
     """
     import time
 
     import torch
 
     from stylecast.util import next_run_dir, parse_seeds
+    from training import distributed as dist
     from training.finetune.trainer import FinetuneConfig, FinetuneRun, read_config, write_config
 
     if ema_rampup < 0:
@@ -119,45 +125,56 @@ def finetune(ctx: click.Context, checkpoint: Path | None, data: Path | None, kim
         "sample_seeds": tuple(parse_seeds(sample_seeds, max_count=256)), "seed": seed,
     }
 
-    if resume is not None:
-        saved = read_config(resume)
-        changes = {}
-        for opt, field_name in _FIELDS.items():
-            src = ctx.get_parameter_source(opt)
-            if src is None or src.name not in ("COMMANDLINE", "ENVIRONMENT"):
-                continue
-            new, old = values[field_name], getattr(saved, field_name)
-            if field_name in _RESUME_MUTABLE:
-                changes[field_name] = new
-            elif new != old:
-                raise ValueError(f"--{opt.replace('_', '-')} cannot change on --resume (run has {old!r}, "
-                                 f"got {new!r}); start a new run instead")
-        cfg = FinetuneConfig.from_dict({**saved.to_dict(), **changes})
-        with _dataset_warnings():
-            run = FinetuneRun.resume(resume, cfg, device=device, progress=progress)
-        if run.cur_nimg >= cfg.total_nimg:
-            raise ValueError(f"{resume} already reached {run.cur_nimg / 1000:g} kimg; pass a larger --kimg")
-        write_config(resume, cfg)
-        run_dir = resume
-        click.echo(f"resuming {run_dir} at {run.cur_nimg / 1000:g} kimg (step {run.step})", err=True)
-    else:
-        missing = [o for o, v in (("--checkpoint", checkpoint), ("--data", data), ("--kimg", kimg)) if v is None]
-        if missing:
-            raise ValueError(f"{', '.join(missing)} required (or --resume RUN_DIR)")
-        if not checkpoint.exists():
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        cfg = FinetuneConfig(**values)
-        # Load the model and scan the data before creating the run directory: a bad input leaves nothing.
-        with _dataset_warnings():
-            run = FinetuneRun.start(cfg, device=device, progress=progress)
-        run_dir = next_run_dir(outdir, f"finetune-{data.resolve().name}")
-        run.run_dir = run_dir
-        write_config(run_dir, cfg)
-        skipped = f", {run.dataset.num_skipped} unreadable file(s) skipped" if run.dataset.num_skipped else ""
-        click.echo(f"{run_dir}: {len(run.dataset)} images at {run.G.cfg.resolution} px{skipped}; D from "
-                   f"{run.d_source}; {cfg.kimg:g} kimg on {device}", err=True)
-    t0, n0 = time.perf_counter(), run.cur_nimg
-    last = run.run(progress=progress, log=lambda m: click.echo(m, err=True), tensorboard=tensorboard)
-    dt = time.perf_counter() - t0
-    kimg_h = (run.cur_nimg - n0) / 1000 / max(dt, 1e-9) * 3600
-    click.echo(f"done: {run.cur_nimg / 1000:g} kimg, {kimg_h:.2f} kimg/h; last snapshot {last}")
+    env = dist.init(device)  # a world of one unless started by torchrun
+    device = str(env.device)
+    say = (lambda m: click.echo(m, err=True)) if env.is_main else (lambda m: None)
+    try:
+        if resume is not None:
+            saved = read_config(resume)
+            changes = {}
+            for opt, field_name in _FIELDS.items():
+                src = ctx.get_parameter_source(opt)
+                if src is None or src.name not in ("COMMANDLINE", "ENVIRONMENT"):
+                    continue
+                new, old = values[field_name], getattr(saved, field_name)
+                if field_name in _RESUME_MUTABLE:
+                    changes[field_name] = new
+                elif new != old:
+                    raise ValueError(f"--{opt.replace('_', '-')} cannot change on --resume (run has {old!r}, "
+                                     f"got {new!r}); start a new run instead")
+            cfg = FinetuneConfig.from_dict({**saved.to_dict(), **changes})
+            with _dataset_warnings(env.is_main):
+                run = FinetuneRun.resume(resume, cfg, device=device, progress=progress and env.is_main, env=env)
+            if run.cur_nimg >= cfg.total_nimg:
+                raise ValueError(f"{resume} already reached {run.cur_nimg / 1000:g} kimg; pass a larger --kimg")
+            if env.is_main:
+                write_config(resume, cfg)
+            run_dir = resume
+            say(f"resuming {run_dir} at {run.cur_nimg / 1000:g} kimg (step {run.step})")
+        else:
+            missing = [o for o, v in (("--checkpoint", checkpoint), ("--data", data), ("--kimg", kimg)) if v is None]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} required (or --resume RUN_DIR)")
+            if not checkpoint.exists():
+                raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+            cfg = FinetuneConfig(**values)
+            # Load the model and scan the data before creating the run directory: a bad input leaves nothing.
+            with _dataset_warnings(env.is_main):
+                run = FinetuneRun.start(cfg, device=device, progress=progress and env.is_main, env=env)
+            run_dir = next_run_dir(outdir, f"finetune-{data.resolve().name}") if env.is_main else None
+            run_dir = dist.broadcast_object(run_dir, env)
+            run.run_dir = run_dir
+            if env.is_main:
+                write_config(run_dir, cfg)
+            skipped = f", {run.dataset.num_skipped} unreadable file(s) skipped" if run.dataset.num_skipped else ""
+            procs = f" x {env.world_size} processes" if env.distributed else ""
+            say(f"{run_dir}: {len(run.dataset)} images at {run.G.cfg.resolution} px{skipped}; D from "
+                f"{run.d_source}; {cfg.kimg:g} kimg on {device}{procs}")
+        t0, n0 = time.perf_counter(), run.cur_nimg
+        last = run.run(progress=progress, log=say, tensorboard=tensorboard)
+        dt = time.perf_counter() - t0
+        kimg_h = (run.cur_nimg - n0) / 1000 / max(dt, 1e-9) * 3600
+        if env.is_main:
+            click.echo(f"done: {run.cur_nimg / 1000:g} kimg, {kimg_h:.2f} kimg/h; last snapshot {last}")
+    finally:
+        dist.shutdown()

@@ -15,6 +15,15 @@ Run directory (numbered, never overwritten; written by `run_finetune`):
 
 Determinism: every step reseeds torch's RNGs from (seed, step) and the data order is a pure function of
 (seed, image index), so `--resume` continues exactly like an uninterrupted run without saving RNG states.
+
+Data parallel (`torchrun --nproc_per_node K -m stylecast train finetune ...`, training/distributed.py): the global
+batch is split into K equal slices. Every rank draws the batch-level randomness (latents, mixing decisions) of the
+whole global batch from the step seed and keeps its slice, and reads its slice of the data stream; the per-sample
+randomness inside the networks (noise maps, augmentation, path-length directions) comes from a per-rank stream,
+so a K-process run is statistically, not bitwise, the same as one process with the same global batch. Gradients
+are averaged over the ranks in one flattened all-reduce after every backward pass (as NVlabs' stylegan2-ada does
+for its several G and D phases), and the running statistics (w_avg, pl_mean, ADA's sign counts) are averaged or
+summed, so all ranks hold bit-identical networks after every step. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stylecast.util import atomic_directory, atomic_write_json
+from training import distributed as dist
 from training.checkpoints import load_checkpoint, save_native, save_rosinality
 from training.generate import generate_images, make_grid, save_png, to_uint8
 from training.networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, mix_styles
@@ -163,6 +173,13 @@ def step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step, 0xF1E7]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def phase_seed(seed: int, step: int, phase: int, rank: int | None = None) -> int:
+    """Seed of one phase of a step: shared by all ranks (rank None: batch-level draws of the global batch) or
+    private to a rank (per-sample randomness inside the networks)."""
+    key = [seed, step, 0xF1E7, phase] + ([] if rank is None else [0x5EED, rank])
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
+
+
 def _set_requires_grad(module: torch.nn.Module, flag: bool, frozen: set[str] = frozenset()) -> None:
     for n, p in module.named_parameters():
         p.requires_grad_(flag and n not in frozen)
@@ -240,8 +257,10 @@ class FinetuneRun:
     """One finetuning run: networks, optimizers, regularisers and the loop. Build with `start` or `resume`."""
 
     def __init__(self, cfg: FinetuneConfig, run_dir: Path | None, device: torch.device, G: Generator, G_ema: Generator,
-                 D: Discriminator, dataset: ImageFolderDataset):
+                 D: Discriminator, dataset: ImageFolderDataset, env: dist.DistEnv | None = None):
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.env = env or dist.DistEnv(device=device)
+        self.local_batch = dist.check_batch(cfg.batch, self.env)
         self.G, self.G_ema, self.D, self.dataset = G.to(device), G_ema.to(device), D.to(device), dataset
         self.G.train()
         self.D.train()
@@ -259,6 +278,10 @@ class FinetuneRun:
         self.augment = AugmentPipe(cfg.augment_p if cfg.augment != "none" else 0.0)
         self.ada = AdaController(self.augment, cfg.ada_target, cfg.ada_interval, cfg.ada_kimg, cfg.batch) \
             if cfg.augment == "ada" else None
+        if self.env.distributed:  # ranks load the same files; make sure they start bit-identical anyway
+            for m in (self.G, self.G_ema, self.D):
+                for t in list(m.parameters()) + list(m.buffers()):
+                    torch.distributed.broadcast(t.data, src=0)
         self.step = 0
         self.cur_nimg = 0
         self.stats = _Stats()
@@ -269,7 +292,7 @@ class FinetuneRun:
 
     @classmethod
     def start(cls, cfg: FinetuneConfig, run_dir: Path | None = None, device: str | torch.device = "cpu",
-              progress: bool = False) -> "FinetuneRun":
+              progress: bool = False, env: dist.DistEnv | None = None) -> "FinetuneRun":
         """Load the base checkpoint (D from it when present, else a fresh seeded D) and the dataset."""
         ck = load_checkpoint(cfg.checkpoint, with_discriminator=True, with_train_generator=True)
         G_ema = ck.G
@@ -282,14 +305,14 @@ class FinetuneRun:
                 D = Discriminator(DiscriminatorConfig.from_generator(G.cfg))
         _check_freeze(cfg, D)
         dataset = ImageFolderDataset(cfg.data, G.cfg.resolution, mirror=cfg.mirror, seed=cfg.seed, progress=progress)
-        run = cls(cfg, Path(run_dir) if run_dir else None, torch.device(device), G, G_ema, D, dataset)
+        run = cls(cfg, Path(run_dir) if run_dir else None, torch.device(device), G, G_ema, D, dataset, env)
         run.d_source = "checkpoint" if ck.D is not None else "fresh"
         run.base_sha256 = ck.sha256
         return run
 
     @classmethod
     def resume(cls, run_dir: Path, cfg: FinetuneConfig | None = None, device: str | torch.device = "cpu",
-               progress: bool = False) -> "FinetuneRun":
+               progress: bool = False, env: dist.DistEnv | None = None) -> "FinetuneRun":
         """Rebuild a run from run_dir/state (cfg: the run's config, possibly with a larger kimg)."""
         run_dir = Path(run_dir)
         state_dir = run_dir / "state"
@@ -306,7 +329,7 @@ class FinetuneRun:
         _check_freeze(cfg, ck.D)
         dataset = ImageFolderDataset(cfg.data, ck.G.cfg.resolution, mirror=cfg.mirror, seed=cfg.seed,
                                      progress=progress)
-        run = cls(cfg, run_dir, torch.device(device), ck.G_train, ck.G, ck.D, dataset)
+        run = cls(cfg, run_dir, torch.device(device), ck.G_train, ck.G, ck.D, dataset, env)
         run.step, run.cur_nimg = int(st["step"]), int(st["cur_nimg"])
         run.pl.pl_mean.fill_(float(st["pl_mean"]))
         run.augment.p = float(st["augment_p"])
@@ -322,48 +345,64 @@ class FinetuneRun:
     # ---- one step
 
     def _map(self, z: torch.Tensor, update_w_avg: bool) -> torch.Tensor:
-        """z -> ws with style mixing: with probability `mixing` the latents from a random cutoff come from a
-        second z (one decision per batch, as NVlabs)."""
-        ws = self.G.map(z, update_w_avg=update_w_avg)
-        num_ws = ws.shape[1]
+        """Global-batch z [B, z_dim] -> this rank's ws [B / K, num_ws, w_dim] with style mixing: with probability
+        `mixing` the latents from a random cutoff come from a second z (one decision per batch, as NVlabs). The
+        draws are made for the whole global batch (identical on every rank) before slicing."""
+        sl = dist.local_slice(z.shape[0], self.env)
+        num_ws = self.G.num_ws
         u = float(torch.rand([]))
         cutoff = int(torch.randint(1, num_ws, [])) if num_ws > 1 else num_ws
         z2 = torch.randn_like(z)
+        ws = self.G.map(z[sl], update_w_avg=update_w_avg)
         if self.cfg.mixing > 0 and u < self.cfg.mixing and num_ws > 1:
-            ws = mix_styles(ws, self.G.map(z2), cutoff)
+            ws = mix_styles(ws, self.G.map(z2[sl]), cutoff)
         return ws
 
+    def _seed(self, phase: int, local: bool) -> None:
+        torch.manual_seed(phase_seed(self.cfg.seed, self.step, phase, self.env.rank if local else None))
+
+    def _step(self, opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+        dist.all_reduce_grads_mean([p for _, p in named], self.env)
+        opt.step()
+
     def train_step(self) -> dict[str, float]:
-        """One G step, one D step, and the lazy regularisers when due; returns this step's losses."""
+        """One G step, one D step, and the lazy regularisers when due; returns this step's losses (averaged over
+        the ranks)."""
         cfg, G, D, aug = self.cfg, self.G, self.D, self.augment
-        torch.manual_seed(step_seed(cfg.seed, self.step))
         dev = self.device
         bs = cfg.batch
-        real = self.dataset.batch(self.cur_nimg, bs, dev)
+        sl = dist.local_slice(bs, self.env)
+        real = self.dataset.batch(self.cur_nimg + sl.start, self.local_batch, dev)
         out: dict[str, float] = {}
 
         # G main: non-saturating logistic loss through the augmentation.
         _set_requires_grad(D, False)
         _set_requires_grad(G, True)
+        self._seed(0, local=False)
         z = torch.randn([bs, G.z_dim], device=dev)
-        fake = G.synthesis(self._map(z, update_w_avg=True), noise_mode="random")
+        ws = self._map(z, update_w_avg=True)
+        self._seed(1, local=True)
+        fake = G.synthesis(ws, noise_mode="random")
         loss_g = g_nonsaturating_loss(D(aug(fake)))
         self.opt_G.zero_grad(set_to_none=True)
         loss_g.backward()
-        self.opt_G.step()
+        self._step(self.opt_G, self.g_named)
         out["loss_G"] = float(loss_g.detach())
 
         # G reg: lazy path-length regularisation on a smaller batch.
         if cfg.pl_weight > 0 and self.step % cfg.pl_interval == 0:
-            pl_bs = max(1, bs // cfg.pl_batch_shrink)
+            pl_bs = max(self.env.world_size, bs // cfg.pl_batch_shrink // self.env.world_size * self.env.world_size)
+            self._seed(2, local=False)
             z = torch.randn([pl_bs, G.z_dim], device=dev)
             ws = self._map(z, update_w_avg=False)
+            self._seed(3, local=True)
             img = G.synthesis(ws, noise_mode="random")
             penalty, lengths = self.pl.penalty(img, ws)
             loss_pl = penalty.mean() * cfg.pl_weight * cfg.pl_interval
             self.opt_G.zero_grad(set_to_none=True)
             loss_pl.backward()
-            self.opt_G.step()
+            self._step(self.opt_G, self.g_named)
+            dist.all_reduce_tensor_mean_(self.pl.pl_mean, self.env)  # linear in the batch mean: exact
             out["loss_PL"] = float(penalty.detach().mean())
             out["pl_mean"] = float(self.pl.pl_mean)
 
@@ -371,29 +410,42 @@ class FinetuneRun:
         _set_requires_grad(G, False)
         _set_requires_grad(D, True, self.frozen)
         with torch.no_grad():
+            self._seed(4, local=False)
             z = torch.randn([bs, G.z_dim], device=dev)
-            fake = G.synthesis(self._map(z, update_w_avg=True), noise_mode="random")
+            ws = self._map(z, update_w_avg=True)
+            self._seed(5, local=True)
+            fake = G.synthesis(ws, noise_mode="random")
         fake_logits = D(aug(fake))
         real_logits = D(aug(real))
         loss_d = d_logistic_loss(real_logits, fake_logits)
         self.opt_D.zero_grad(set_to_none=True)
         loss_d.backward()
-        self.opt_D.step()
+        self._step(self.opt_D, self.d_named)
         if self.ada is not None:
+            before = (self.ada.sign_sum, self.ada.count)
             self.ada.accumulate(real_logits)
+            if self.env.distributed:  # this step's signs summed over the ranks (the earlier ones already are)
+                d = dist.all_reduce_sum({"s": self.ada.sign_sum - before[0], "n": self.ada.count - before[1]},
+                                        self.env)
+                self.ada.sign_sum, self.ada.count = before[0] + d["s"], before[1] + int(round(d["n"]))
         out["loss_D"] = float(loss_d.detach())
         out["D_real"] = float(real_logits.detach().mean())
         out["D_fake"] = float(fake_logits.detach().mean())
 
         # D reg: lazy R1 on the reals (the gradient is taken w.r.t. the un-augmented image).
         if cfg.r1_gamma > 0 and self.step % cfg.r1_interval == 0:
+            self._seed(6, local=True)
             real_req = real.detach().requires_grad_(True)
             logits = D(aug(real_req))
             loss_r1 = r1_loss(real_req, logits, cfg.r1_gamma, cfg.r1_interval)
             self.opt_D.zero_grad(set_to_none=True)
             loss_r1.backward()
-            self.opt_D.step()
+            self._step(self.opt_D, self.d_named)
             out["loss_R1"] = float(loss_r1.detach()) / (cfg.r1_gamma / 2 * cfg.r1_interval)
+
+        # w_avg, which the ranks updated from their own slices, is an EMA of batch means: linear, so the mean
+        # over equal slices is exactly the global-batch update.
+        dist.all_reduce_tensor_mean_(G.mapping.w_avg, self.env)
 
         # G EMA (ramp-up from the images shown before this step, as NVlabs), counters, ADA.
         update_ema(self.G_ema, G, ema_beta(bs, cfg.ema_kimg, cfg.ema_rampup, self.cur_nimg))
@@ -402,7 +454,7 @@ class FinetuneRun:
         if self.ada is not None:
             self.ada.step(self.step)
         out["augment_p"] = self.augment.p
-        return out
+        return dist.all_reduce_mean(out, self.env)
 
     # ---- outputs
 
@@ -453,19 +505,22 @@ class FinetuneRun:
     # ---- the loop
 
     def run(self, progress: bool = True, log: Callable[[str], None] = print, tensorboard: bool = False) -> Path:
-        """Train until cfg.kimg thousand images have been shown; returns the last snapshot directory."""
+        """Train until cfg.kimg thousand images have been shown; returns the last snapshot directory. Under torchrun
+        every rank calls this; only rank 0 writes (samples, stats, snapshots, state) and shows progress."""
         cfg = self.cfg
+        main = self.env.is_main
         total = cfg.total_nimg
         samples = self.run_dir / "samples"
-        samples.mkdir(parents=True, exist_ok=True)
-        if self.step == 0:
-            save_png(samples / "reals.png", self.real_grid())
-            save_png(samples / "fakes_init.png", self.sample_grid())
-        writer = _tensorboard_writer(self.run_dir) if tensorboard else None
+        if main:
+            samples.mkdir(parents=True, exist_ok=True)
+            if self.step == 0:
+                save_png(samples / "reals.png", self.real_grid())
+                save_png(samples / "fakes_init.png", self.sample_grid())
+        writer = _tensorboard_writer(self.run_dir) if tensorboard and main else None
         snap_every = max(1, int(round(cfg.snapshot_kimg * 1000)))
         tick_every = max(1, int(round(cfg.tick_kimg * 1000)))
         bar = None
-        if progress:
+        if progress and main:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=min(self.cur_nimg, total), unit="img", desc="finetune",
                        dynamic_ncols=True)
@@ -490,26 +545,30 @@ class FinetuneRun:
                     dt, dn = now - t_tick, self.cur_nimg - nimg_tick
                     line = {"kimg": self.cur_nimg / 1000, "step": self.step, **self.stats.means(),
                             "sec_per_kimg": dt / max(dn, 1) * 1000,
-                            "kimg_per_hour": dn / 1000 / max(dt, 1e-9) * 3600}
+                            "kimg_per_hour": dn / 1000 / max(dt, 1e-9) * 3600, "processes": self.env.world_size}
                     if self.ada is not None and self.ada.last_rt is not None:
                         line["ada_rt"] = self.ada.last_rt
-                    _append_jsonl(self.run_dir / "stats.jsonl", line)
+                    if main:
+                        _append_jsonl(self.run_dir / "stats.jsonl", line)
                     self.stats.reset()
                     t_tick, nimg_tick = now, self.cur_nimg
                 if done or self.cur_nimg // snap_every != prev // snap_every:
-                    last = self.save_snapshot()
-                    self.save_state()
-                    save_png(samples / f"fakes{self.cur_nimg:09d}.png", self.sample_grid())
-                    if bar is None:
-                        log(f"kimg {self.cur_nimg / 1000:.3f}: snapshot {last.name}")
+                    last = self.snapshot_name()
+                    if main:
+                        last = self.save_snapshot()
+                        self.save_state()
+                        save_png(samples / f"fakes{self.cur_nimg:09d}.png", self.sample_grid())
+                        if bar is None:
+                            log(f"kimg {self.cur_nimg / 1000:.3f}: snapshot {last.name}")
+                    dist.barrier(self.env)
         finally:
             if bar is not None:
                 bar.close()
             if writer is not None:
                 writer.close()
-        if last is None:  # resumed a run that was already complete
+        if last is None and main:  # resumed a run that was already complete
             last = self.save_snapshot()
-        return last
+        return self.run_dir / self.snapshot_name()
 
 
 def _check_freeze(cfg: FinetuneConfig, D: Discriminator) -> None:
