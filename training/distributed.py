@@ -87,6 +87,12 @@ def init(device: str | torch.device | None = None, timeout_s: float = DEFAULT_TI
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=want)
 
 
+def seed_for(*keys: int) -> int:
+    """A 63-bit RNG seed that is a pure function of integer keys, e.g. (run seed, step, stream, rank)."""
+    import numpy as np
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def shutdown() -> None:
     """Leave the process group (no-op when none)."""
     if dist.is_available() and dist.is_initialized():
@@ -211,5 +217,5 @@ def any_true(flag: bool, env: DistEnv) -> bool:
 
 
 __all__ = ["DistEnv", "all_reduce_grads_mean", "all_reduce_mean", "all_reduce_sum", "all_reduce_tensor_mean_",
-           "any_true", "barrier", "broadcast_object", "check_batch", "env_world_size", "init", "local_slice", "no_sync",
+           "any_true", "barrier", "broadcast_object", "check_batch", "seed_for", "env_world_size", "init", "local_slice", "no_sync",
            "shutdown", "unwrap", "wrap"]

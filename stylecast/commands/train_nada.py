@@ -88,12 +88,36 @@ def nada(ctx: click.Context, checkpoint: Path | None, source: str, target: str |
       stylecast train nada --checkpoint ffhq.pt --source photo --target "pencil sketch" --iters 300 --outdir runs/
       stylecast train nada --checkpoint ffhq.pt --style-images styles/ --outdir runs/
       stylecast train nada --resume runs/00003-nada-photo-to-pencil-sketch --iters 600
+      torchrun --nproc_per_node 4 -m stylecast train nada --checkpoint ffhq.pt --target sketch --batch 8 -o runs/
+    Under torchrun --batch is the global batch, split evenly over the processes; only the first one writes.
     The run directory holds config.json, log.jsonl, samples/*.png and checkpoints/NNNNNN/ (native; feed it to
     stylecast generate, blend or export) with checkpoints/NNNNNN.pt (rosinality layout).
     CLIP weights are loaded through open_clip; offline, point --clip at a local file
     (e.g. ViT-B-32-quickgelu:/path/open_clip_pytorch_model.bin) or set --clip-cache-dir.
     """
+    from training import distributed as dist
+
+    env = dist.init(None if device == "auto" else device)  # a world of one unless started by torchrun
+    try:
+        _nada(ctx, env, **ctx.params)
+    finally:
+        dist.shutdown()
+
+
+def _nada(ctx: click.Context, env, *, checkpoint: Path | None, source: str, target: str | None, style_images: Path | None,
+          style_text_weight: float, style_source: str, img2img_batch: int, clip_specs: tuple[str, ...],
+          clip_cache_dir: Path | None, lambda_direction: float, lambda_global: float, lambda_patch: float,
+          lambda_manifold: float, lambda_id: float, lambda_l2: float, phase: str, train_torgb: bool,
+          auto_layer_k: int, auto_layer_iters: int, auto_layer_batch: int, improve_shape: bool, iters: int,
+          batch: int, lr: float, beta1: float, beta2: float, mixing: float, noise_mode: str,
+          sample_truncation: float, preview_seeds: str, output_interval: int, save_interval: int,
+          outdir: Path | None, resume: Path | None, device: str, frozen_device: str | None, amp: str,
+          tensorboard: bool, seed: int, progress: bool) -> None:
+    """The command's body; every torchrun rank runs it, only the first one speaks."""
     from training.nada.trainer import NadaConfig, NadaDivergedError, resume_nada, train_nada
+
+    say = click.echo if env.is_main else (lambda *a, **k: None)
+    progress = progress and env.is_main
 
     if resume is not None:
         given = sorted(name for name in ctx.params
@@ -110,12 +134,12 @@ def nada(ctx: click.Context, checkpoint: Path | None, source: str, target: str |
                                  device=device if explicit["device"] else None,
                                  frozen_device=frozen_device if explicit["frozen_device"] else None,
                                  amp=amp if explicit["amp"] else None,
-                                 tensorboard=True if explicit["tensorboard"] else None, progress=progress)
+                                 tensorboard=True if explicit["tensorboard"] else None, progress=progress, env=env)
         except NadaDivergedError as exc:
-            click.echo(f"error: {exc}", err=True)
+            say(f"error: {exc}", err=True)
             raise click.exceptions.Exit(2) from None
-        click.echo(f"resumed {result.run_dir}: step {result.step}, checkpoint {result.checkpoint} "
-                   f"(rosinality: {result.rosinality})")
+        say(f"resumed {result.run_dir}: step {result.step}, checkpoint {result.checkpoint} "
+            f"(rosinality: {result.rosinality})")
         return
 
     if checkpoint is None:
@@ -136,8 +160,8 @@ def nada(ctx: click.Context, checkpoint: Path | None, source: str, target: str |
         save_interval=save_interval, seed=seed, device=device, frozen_device=frozen_device, amp=amp,
         tensorboard=tensorboard)
     try:
-        result = train_nada(cfg, progress=progress)
+        result = train_nada(cfg, progress=progress, env=env)
     except NadaDivergedError as exc:
-        click.echo(f"error: {exc}", err=True)
+        say(f"error: {exc}", err=True)
         raise click.exceptions.Exit(2) from None
-    click.echo(f"wrote {result.run_dir}: checkpoint {result.checkpoint} (rosinality: {result.rosinality})")
+    say(f"wrote {result.run_dir}: checkpoint {result.checkpoint} (rosinality: {result.rosinality})")

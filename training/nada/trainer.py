@@ -16,6 +16,12 @@ Differences from the official code, all deliberate: frozen and trainable generat
 crossover per batch (the official rosinality generators each draw their own); previews truncate towards the
 checkpoint's w_avg (the official code re-estimates the mean from 4096 samples); the mapping network never
 trains; the adaptive layer mapping is corrected (see training.nada.layers).
+
+Data parallel (`torchrun --nproc_per_node K -m stylecast train nada ...`, training/distributed.py): --batch is
+the global batch, split evenly over the K processes. Every rank draws the whole batch's codes (and the mixing
+decision) from the shared generator and keeps its slice; the adaptive layer choice is rank 0's, broadcast; the
+per-sample randomness (noise maps, frozen-image jitter, patch crops) comes from streams seeded per (step, rank), so
+resume stays exact; gradients are averaged over the ranks in one flattened all-reduce; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 
 from stylecast.util import atomic_write_bytes, atomic_write_json, next_run_dir
+from training import distributed as dist
 from training.checkpoints import load_checkpoint, save_native, save_rosinality
 from training.generate import make_grid, save_png, to_uint8
 from training.networks.stylegan2 import Generator, mix_styles, seeds_to_z
@@ -276,9 +283,13 @@ class NadaTrainer:
 
     def __init__(self, cfg: NadaConfig, *, progress: bool = True,
                  callback: Callable[[int, dict[str, Any]], None] | None = None,
-                 resume_dir: Path | None = None, resume_step: int | None = None):
+                 resume_dir: Path | None = None, resume_step: int | None = None, env: dist.DistEnv | None = None):
         self.progress, self.callback = progress, callback
         self.device = _resolve_device(cfg.device)
+        if env is not None and env.distributed:
+            self.device = env.device  # torchrun: this rank's device (cuda:LOCAL_RANK or cpu)
+        self.env = env or dist.DistEnv(device=self.device)
+        self.local = dist.local_slice(cfg.batch, self.env)
         self.frozen_device = _resolve_device(cfg.frozen_device, self.device)
         if cfg.amp != "off" and self.device.type != "cuda":
             raise ValueError(f"--amp {cfg.amp} needs a CUDA device (mixed precision is GPU-only)")
@@ -338,6 +349,8 @@ class NadaTrainer:
         self.optimizer = torch.optim.Adam(self.param_list, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        # Per-sample randomness: the shared stream in one process (as before), a per-(step, rank) one under torchrun.
+        self.gen_local = torch.Generator().manual_seed(cfg.seed) if self.env.distributed else self.gen
         self.run_dir = resume_dir
         self.start_step = resume_step or 0
         self.last_saved = resume_step
@@ -372,12 +385,13 @@ class NadaTrainer:
         cfg, G = self.cfg, self.G_train
         z = torch.randn(cfg.batch, G.z_dim, generator=self.gen)
         mix = bool(torch.rand((), generator=self.gen) < cfg.mixing) if cfg.mixing > 0 else False
+        sl = self.local  # the global batch's codes are drawn on every rank; this rank maps its slice
         with torch.no_grad():
-            ws = G.broadcast(G.mapping(z.to(self.device)))
+            ws = G.broadcast(G.mapping(z[sl].to(self.device)))
             if mix:
                 z2 = torch.randn(cfg.batch, G.z_dim, generator=self.gen)
                 crossover = int(torch.randint(1, G.num_ws, (), generator=self.gen))
-                ws = mix_styles(ws, G.broadcast(G.mapping(z2.to(self.device))), crossover)
+                ws = mix_styles(ws, G.broadcast(G.mapping(z2[sl].to(self.device))), crossover)
         return ws
 
     def _choose_units(self) -> list[str]:
@@ -390,6 +404,7 @@ class NadaTrainer:
         with self._autocast():
             latents = select_latents(G, ws, self.loss_fn.global_objective, cfg.auto_layer_iters, cfg.auto_layer_k,
                                      self.candidates, noise_mode=cfg.noise_mode)
+        latents = dist.broadcast_object(latents, self.env)  # every rank trains rank 0's choice
         self.last_latents = latents
         return units_for_latents(G.cfg, latents, cfg.phase, cfg.train_torgb)
 
@@ -487,18 +502,21 @@ class NadaTrainer:
     def train(self) -> NadaResult:
         """Run (or continue) the loop up to cfg.iters; returns where the outputs are."""
         cfg = self.cfg
+        main = self.env.is_main
         if self.run_dir is None:
-            name = f"nada-{cfg.source}-to-{cfg.target or 'style'}"
-            self.run_dir = next_run_dir(cfg.outdir, name[:80])
-            atomic_write_json(self.run_dir / "config.json", self.run_document())
-            (self.run_dir / "log.jsonl").write_text("")
-            if cfg.output_interval:
-                self._preview(0)
-        else:
+            if main:
+                name = f"nada-{cfg.source}-to-{cfg.target or 'style'}"
+                self.run_dir = next_run_dir(cfg.outdir, name[:80])
+                atomic_write_json(self.run_dir / "config.json", self.run_document())
+                (self.run_dir / "log.jsonl").write_text("")
+                if cfg.output_interval:
+                    self._preview(0)
+            self.run_dir = dist.broadcast_object(self.run_dir, self.env)
+        elif main:
             self._truncate_log(self.start_step)
-        writer = self._tensorboard()
+        writer = self._tensorboard() if main else None
         bar = None
-        if self.progress:
+        if self.progress and main:
             from tqdm import tqdm
             bar = tqdm(total=cfg.iters, initial=self.start_step, desc="nada", unit="it", dynamic_ncols=True)
         if not self.adaptive:
@@ -516,7 +534,11 @@ class NadaTrainer:
 
     def _one_step(self, step: int, writer: Any, bar: Any) -> None:
         cfg = self.cfg
+        main = self.env.is_main
         t0 = time.perf_counter()
+        if self.env.distributed:  # per-sample randomness of this rank and step (resume stays exact)
+            torch.manual_seed(dist.seed_for(cfg.seed, step, 0xA7A, 0, self.env.rank))
+            self.gen_local.manual_seed(dist.seed_for(cfg.seed, step, 0xA7A, 1, self.env.rank))
         units = self._choose_units() if self.adaptive else self.units
         if self.adaptive:
             self._set_trainable(units)
@@ -526,20 +548,23 @@ class NadaTrainer:
                 img_frozen = self.G_frozen.synthesis(ws.to(self.frozen_device), noise_mode=cfg.noise_mode)
                 img_frozen = img_frozen.to(self.device).float()
                 if self.jitter:
-                    img_frozen = img_frozen + self.jitter * torch.randn(img_frozen.shape, generator=self.gen).to(
-                        self.device)
+                    img_frozen = img_frozen + self.jitter * torch.randn(img_frozen.shape,
+                                                                        generator=self.gen_local).to(self.device)
             img_train = self.G_train.synthesis(ws, noise_mode=cfg.noise_mode)
-            loss, parts = self.loss_fn(img_frozen, img_train.float(), self.gen)
+            loss, parts = self.loss_fn(img_frozen, img_train.float(), self.gen_local)
+        parts = dist.all_reduce_mean(parts, self.env)  # the global batch's losses (equal slices)
         if not math.isfinite(parts["loss"]):
             self._diverged(step, f"loss is {parts['loss']} ({_fmt(parts)})")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            dist.all_reduce_grads_mean(self.param_list, self.env)  # before unscale_: every rank sees any inf
             self.scaler.unscale_(self.optimizer)  # inf grads here are fp16 overflow: the scaler skips the step
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            dist.all_reduce_grads_mean(self.param_list, self.env)
             if not _finite_grads(self.param_list):
                 self._diverged(step, f"gradients are NaN/Inf (loss {_fmt(parts)})")
             self.optimizer.step()
@@ -549,8 +574,9 @@ class NadaTrainer:
         record = {"step": step, **parts, "sec": round(dt, 4)}
         if self.adaptive:
             record["latents"] = self.last_latents
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if main:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         if writer is not None:
             for k, v in parts.items():
                 writer.add_scalar(f"loss/{k}", v, step)
@@ -559,15 +585,19 @@ class NadaTrainer:
             bar.update(1)
         if self.callback is not None:
             self.callback(step, {"losses": parts, "units": list(units), "G": self.G_train, "sec": dt})
-        if cfg.output_interval and (step % cfg.output_interval == 0 or step == cfg.iters):
+        if main and cfg.output_interval and (step % cfg.output_interval == 0 or step == cfg.iters):
             self._preview(step)
         if (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.iters:
-            self._save(step)
+            if main:
+                self._save(step)
+            else:
+                self.last_saved = step
+            dist.barrier(self.env)
 
     def _diverged(self, step: int, what: str) -> None:
         """Stop: keep every good checkpoint, save the pre-step weights if they are good and unsaved."""
         good = step - 1
-        if good > 0 and good != self.last_saved and not self._state_path(good).is_file() \
+        if self.env.is_main and good > 0 and good != self.last_saved and not self._state_path(good).is_file() \
                 and _finite_params(self.params):
             self._save(good)
         last = self.last_saved
@@ -610,14 +640,17 @@ def _fmt(parts: dict[str, float]) -> str:
 
 
 def train_nada(cfg: NadaConfig, *, progress: bool = True,
-               callback: Callable[[int, dict[str, Any]], None] | None = None) -> NadaResult:
+               callback: Callable[[int, dict[str, Any]], None] | None = None,
+               env: dist.DistEnv | None = None) -> NadaResult:
     """Train a fresh run into a new numbered directory under cfg.outdir.
 
+    Args:
+        env: the torchrun job (training.distributed.init); None = one process.
     Raises:
         ValueError / FileNotFoundError: bad inputs (before anything is written).
         NadaDivergedError: NaN / Inf during training (earlier checkpoints stay).
     """
-    return NadaTrainer(cfg, progress=progress, callback=callback).train()
+    return NadaTrainer(cfg, progress=progress, callback=callback, env=env).train()
 
 
 def read_run_config(run_dir: str | Path) -> NadaConfig:
@@ -637,7 +670,8 @@ def read_run_config(run_dir: str | Path) -> NadaConfig:
 
 def resume_nada(run_dir: str | Path, *, iters: int | None = None, device: str | None = None,
                 frozen_device: str | None = None, amp: str | None = None, tensorboard: bool | None = None,
-                progress: bool = True, callback: Callable[[int, dict[str, Any]], None] | None = None) -> NadaResult:
+                progress: bool = True, callback: Callable[[int, dict[str, Any]], None] | None = None,
+                env: dist.DistEnv | None = None) -> NadaResult:
     """Continue a run from its latest complete checkpoint (same losses and weights as an uninterrupted run).
 
     Args:
@@ -674,8 +708,8 @@ def resume_nada(run_dir: str | Path, *, iters: int | None = None, device: str | 
     if step == cfg.iters:
         final = run_dir / "checkpoints" / f"{step:06d}"
         return NadaResult(run_dir, final, final.with_suffix(".pt"), step, {})
-    trainer = NadaTrainer(cfg, progress=progress, callback=callback, resume_dir=run_dir, resume_step=step)
-    if changes:
+    trainer = NadaTrainer(cfg, progress=progress, callback=callback, resume_dir=run_dir, resume_step=step, env=env)
+    if changes and (env is None or env.is_main):
         doc["config"] = trainer.cfg.to_dict()
         atomic_write_json(run_dir / "config.json", doc)
     return trainer.train()
