@@ -36,14 +36,15 @@ def _device(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _one_line_warnings() -> Iterator[None]:
-    """Show Python warnings as `warning: ...` lines that do not break the progress bar."""
+def _one_line_warnings(show: bool = True) -> Iterator[None]:
+    """Show Python warnings as `warning: ...` lines that do not break the progress bar (none where not `show`:
+    the other processes of a torchrun job)."""
     import warnings
 
     from tqdm import tqdm
 
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
+        warnings.simplefilter("default" if show else "ignore")
         warnings.showwarning = lambda message, *a, **k: tqdm.write(f"warning: {message}", file=sys.stderr)
         yield
 
@@ -215,6 +216,8 @@ def fast_style(style: Path | None, data: Path | None, out: Path, name: str | Non
     relu2_2 x1, style relu1_2/relu2_2/relu3_3/relu4_3 x5, TV 1e-6; VGG19 instead of the paper's VGG16). Writes config.json first, then previews/, checkpoints/ and
     final/ (config.json + model.safetensors). Interrupted runs continue exactly with --resume.
 
+    Data parallel: start the same command with `torchrun --nproc_per_node K -m stylecast ...`; --batch-size is
+    the global batch, split evenly over the processes; only the first one writes.
     \b
     Example:
       stylecast train fast-style --style starry_night.jpg --data coco/train2014 --vgg-weights vgg19.pth \\
@@ -222,6 +225,7 @@ def fast_style(style: Path | None, data: Path | None, out: Path, name: str | Non
       stylecast train fast-style --resume runs/00004-fast-style-starry_night
     """
     from stylecast.util import next_run_dir
+    from training import distributed as dist
     from training.style.data import find_images
     from training.style.fast_style import (FastStyleConfig, iterations_for_epochs, read_run_config,
                                            train_fast_style)
@@ -237,11 +241,16 @@ def fast_style(style: Path | None, data: Path | None, out: Path, name: str | Non
         if not resume.is_dir():
             raise FileNotFoundError(f"{resume}: no such run folder")
         config, _ = read_run_config(resume)
-        dev = _device(device)
-        vgg = load_vgg19(config.loss_weights().layers, weights=vgg_weights, pooling=config.pooling, device=dev)
-        with _one_line_warnings():
-            train_fast_style(config, resume, vgg, resume=True, progress=True, workers=workers)
-        click.echo(f"wrote {resume / 'final'}")
+        env = dist.init(_device(device))
+        try:
+            vgg = load_vgg19(config.loss_weights().layers, weights=vgg_weights, pooling=config.pooling,
+                             device=env.device)
+            with _one_line_warnings(env.is_main):
+                train_fast_style(config, resume, vgg, resume=True, progress=True, workers=workers, env=env)
+        finally:
+            dist.shutdown()
+        if env.is_main:
+            click.echo(f"wrote {resume / 'final'}")
         return
 
     if style is None or data is None:
@@ -266,13 +275,20 @@ def fast_style(style: Path | None, data: Path | None, out: Path, name: str | Non
         channels=channels, res_blocks=res_blocks, output=output)
     for p in config.preview_images:
         load_image(p)
-    dev = _device(device)
-    vgg = load_vgg19(config.loss_weights().layers, weights=vgg_weights, pooling=pooling, device=dev)
-    run = next_run_dir(out, name or f"fast-style-{style.stem}")
+    env = dist.init(_device(device))  # a world of one unless started by torchrun
     try:
-        with _one_line_warnings():
-            train_fast_style(config, run, vgg, resume=False, progress=True, workers=workers)
-    except BaseException:
-        _remove_if_empty(run)
-        raise
-    click.echo(f"wrote {run / 'final'} ({config.iterations} steps)")
+        dist.check_batch(batch_size, env, "batch-size")
+        vgg = load_vgg19(config.loss_weights().layers, weights=vgg_weights, pooling=pooling, device=env.device)
+        run = dist.broadcast_object(next_run_dir(out, name or f"fast-style-{style.stem}") if env.is_main else None,
+                                    env)
+        try:
+            with _one_line_warnings(env.is_main):
+                train_fast_style(config, run, vgg, resume=False, progress=True, workers=workers, env=env)
+        except BaseException:
+            if env.is_main:
+                _remove_if_empty(run)
+            raise
+    finally:
+        dist.shutdown()
+    if env.is_main:
+        click.echo(f"wrote {run / 'final'} ({config.iterations} steps)")

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stylecast.util import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
+from training import distributed as dist
 from training.style.data import ContentStream, find_images, load_training_image
 from training.style.images import load_image, resize_max_side, to_uint8
 from training.style.losses import LossWeights, NonFiniteLossError, blended_grams, layer_weights, total_loss
@@ -476,7 +477,7 @@ def style_targets(config: FastStyleConfig, vgg: VGGFeatures) -> dict[str, torch.
 
 def train_fast_style(config: FastStyleConfig, run_dir: str | os.PathLike, vgg: VGGFeatures,
                      resume: bool = False, progress: bool = True, workers: int = 0,
-                     on_step: StepCallback | None = None) -> TransformerNet:
+                     on_step: StepCallback | None = None, env: dist.DistEnv | None = None) -> TransformerNet:
     """Train (or resume training) a fast stylizer into a run directory.
 
     A new run writes config.json and files.txt first; a resumed run re-reads them and continues from the
@@ -493,6 +494,10 @@ def train_fast_style(config: FastStyleConfig, run_dir: str | os.PathLike, vgg: V
         progress: tqdm bar with the losses.
         workers: image decoding threads (does not change the result).
         on_step: called as ``on_step(step, losses)`` after every optimizer step.
+        env: the torchrun job (training.distributed.init); None = one process. Every rank reads the whole
+            global batch from the (deterministic) data stream and trains on its slice through
+            DistributedDataParallel (the network's instance norms are per sample, so K processes compute what one
+            process computes with the same global batch); only rank 0 writes.
     Returns:
         The trained TransformerNet (eval mode), also saved to run_dir/final.
     Raises:
@@ -503,6 +508,9 @@ def train_fast_style(config: FastStyleConfig, run_dir: str | os.PathLike, vgg: V
 
     run_dir = Path(run_dir)
     device = vgg.mean.device
+    env = env or dist.DistEnv(device=device)
+    local = dist.local_slice(config.batch_size, env)
+    main = env.is_main
     weights = config.loss_weights()
     missing = [n for n in weights.layers if n not in vgg.layers]
     if missing:
@@ -518,21 +526,25 @@ def train_fast_style(config: FastStyleConfig, run_dir: str | os.PathLike, vgg: V
         root = Path(config.data)
         files = [root / line for line in (run_dir / "files.txt").read_text().splitlines() if line]
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if any(run_dir.iterdir()):
-            raise FileExistsError(f"{run_dir}: a new run needs an empty directory")
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if any(run_dir.iterdir()):
+                raise FileExistsError(f"{run_dir}: a new run needs an empty directory")
         files = find_images(config.data)
         targets = style_targets(config, vgg)  # reads the style image: a bad one fails before anything is written
-        style_sha = sha256_file(config.style)
-        atomic_write_json(run_dir / "config.json", {"format": RUN_FORMAT, "config": config.to_dict(),
-                                                    "meta": {"style_sha256": style_sha, "num_files": len(files)}})
-        root = Path(config.data)
-        atomic_write_bytes(run_dir / "files.txt",
-                           "".join(f"{p.relative_to(root).as_posix()}\n" for p in files).encode())
+        if main:
+            style_sha = sha256_file(config.style)
+            atomic_write_json(run_dir / "config.json", {"format": RUN_FORMAT, "config": config.to_dict(),
+                                                        "meta": {"style_sha256": style_sha,
+                                                                 "num_files": len(files)}})
+            root = Path(config.data)
+            atomic_write_bytes(run_dir / "files.txt",
+                               "".join(f"{p.relative_to(root).as_posix()}\n" for p in files).encode())
 
     if resume:
         targets = style_targets(config, vgg)
     net = build_transformer_net(config.net_config(), seed=config.seed).to(device)
+    model = dist.wrap(net, env)  # DistributedDataParallel under torchrun, the network itself otherwise
     opt = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     stream = ContentStream(files, config.image_size, config.batch_size, seed=config.seed, workers=workers)
     step = 0
@@ -543,33 +555,35 @@ def train_fast_style(config: FastStyleConfig, run_dir: str | os.PathLike, vgg: V
         preview = _preview_batch(config, stream).to(device)
         net.train()
         losses: dict[str, float] = {}
-        bar = tqdm(total=config.iterations, initial=step, desc="fast-style", unit="step", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=config.iterations, initial=step, desc="fast-style", unit="step",
+                   disable=not (progress and main), dynamic_ncols=True)
         try:
             while step < config.iterations:
-                batch = stream.next_batch().to(device)  # [B, 3, S, S]
-                out = net(batch)
+                batch = stream.next_batch()[local].to(device)  # [B / K, 3, S, S]: this rank's slice
+                out = model(batch)
                 with torch.no_grad():
                     content_feats = vgg(batch, list(weights.content)) if weights.content else {}
                 parts = total_loss(out, vgg(out, weights.layers), content_feats, targets, weights)
-                if not torch.isfinite(parts["total"]):
-                    raise NonFiniteLossError(f"the loss became {parts['total'].item()} at step {step + 1}; lower "
+                losses = dist.all_reduce_mean({k: float(v.detach()) for k, v in parts.items()}, env)
+                if not math.isfinite(losses["total"]):  # the same verdict on every rank
+                    raise NonFiniteLossError(f"the loss became {losses['total']} at step {step + 1}; lower "
                                              "--learning-rate or the loss weights, and check the VGG weights")
                 opt.zero_grad(set_to_none=True)
-                parts["total"].backward()
+                parts["total"].backward()  # DDP averages the gradients over the ranks here
                 opt.step()
                 step += 1
-                losses = {k: float(v.detach()) for k, v in parts.items()}
                 bar.update(1)
                 if progress:
                     bar.set_postfix(loss=f"{losses['total']:.4g}", content=f"{losses['content']:.3g}",
                                     style=f"{losses['style']:.3g}", tv=f"{losses['tv']:.3g}",
                                     bad=len(stream.bad), refresh=False)
                 last = step == config.iterations
-                if (config.preview_every and step % config.preview_every == 0) or last:
+                if main and ((config.preview_every and step % config.preview_every == 0) or last):
                     _save_preview(run_dir / "previews" / f"step{step:07d}.png", net, preview)
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
-                    _save_training_checkpoint(run_dir, step, net, opt, stream, losses, config.keep_checkpoints)
+                    if main:
+                        _save_training_checkpoint(run_dir, step, net, opt, stream, losses, config.keep_checkpoints)
+                    dist.barrier(env)
                 if on_step is not None:
                     on_step(step, losses)
         finally:
@@ -577,8 +591,10 @@ def train_fast_style(config: FastStyleConfig, run_dir: str | os.PathLike, vgg: V
     finally:
         stream.close()
     net.eval()
-    save_fast_style(run_dir / "final", net, meta={"step": step, "losses": losses, "bad_files": len(stream.bad),
-                                                   "run": run_dir.name})
+    if main:
+        save_fast_style(run_dir / "final", net, meta={"step": step, "losses": losses,
+                                                       "bad_files": len(stream.bad), "run": run_dir.name})
+    dist.barrier(env)
     return net.requires_grad_(False)
 
 
