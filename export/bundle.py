@@ -103,7 +103,7 @@ def build_bundle(checkpoint: str | Path | Checkpoint, out: str | Path, options: 
         encoder_doc = None
         if enc_ckpt is not None:
             from .encoder_export import encoder_golden, export_encoder
-            info = export_encoder(enc_ckpt.encoder, tmp / "encoder.onnx", opset=opts.opset)
+            info = export_encoder(enc_ckpt.encoder, tmp / "encoder.onnx", opset=opts.opset, generator=G)
             graphs["encoder"] = {"file": "encoder.onnx", "inputs": info.inputs, "outputs": info.outputs,
                                  "nodes": info.nodes, "precision": "fp32"}
             extra_golden = encoder_golden(enc_ckpt.encoder, G)
@@ -146,12 +146,9 @@ def _resolve_latent_space(name: str, G: Generator, opts: BundleOptions) -> tuple
         raise ValueError(f"latent space {space!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)")
     enc = None
     if opts.encoder is not None:
-        from training.inversion.encoders import load_encoder
+        from training.inversion.encoders import check_encoder_fits, load_encoder
         enc = load_encoder(opts.encoder, with_decoder=False)
-        cfg = enc.config
-        if (cfg.n_styles, cfg.w_dim) != (G.num_ws, G.w_dim):
-            raise ValueError(f"encoder {opts.encoder} outputs [N, {cfg.n_styles}, {cfg.w_dim}] latents but the "
-                             f"generator takes [N, {G.num_ws}, {G.w_dim}]")
+        check_encoder_fits(enc.config, G, f"encoder {opts.encoder}")  # z+ codes go through G's mapping
         space = space or name
     elif opts.encoder_from is not None:
         base = load_manifest(opts.encoder_from)
@@ -295,6 +292,12 @@ def verify_bundle(bundle: str | Path, providers: list[str] | None = None,
     if manifest["kind"] == "fast_style":
         from .fast_style_bundle import check_fast_style_golden
         report.checks += check_fast_style_golden(lambda x: run(graphs["stylizer"]["file"], {"img": x})[0], golden)
+        return report
+    if manifest["kind"] == "dualstylegan":
+        from .dualstyle_bundle import check_dualstyle_golden
+        checks, problems = check_dualstyle_golden(bundle, manifest, golden, run)
+        report.checks += checks
+        report.problems += problems
         return report
     w, ws = run(graphs["mapping"]["file"], {"z": golden["z"], "psi": golden["psi"]})
     for out_name, val in (("w", w), ("ws", ws)):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from training.checkpoints import CheckpointError, generator_to_rosinality, save_native
-from training.inversion.encoders import (EncoderConfig, build_encoder, load_encoder, resize_faces, resize_weights,
-                                         save_encoder, save_official)
+from training.inversion.encoders import (EncoderConfig, build_encoder, codes_to_ws, load_encoder, resize_faces,
+                                         resize_weights, save_encoder, save_official, z_plus_to_ws)
 from training.inversion.irse import ArcFaceConfig, Backbone, IRSEConfig, load_arcface
 
 # The tiny architecture used throughout: stage widths 8/16/24/32, units 2/2/2/1 (stage 1 keeps the stem width,
@@ -552,3 +552,142 @@ def test_arcface_official_layout_loads_and_matches_the_oracle(tmp_path):
     torch.save({k: v for k, v in sd.items() if not k.startswith("output_layer.3")}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="output_layer.3.weight"):
         load_arcface(tmp_path / "bad.pth")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# z+ encoders (DualStyleGAN's encoder.pt: a pSp GradualStyleEncoder whose rows are z codes)
+
+
+def _rowwise_mapping(G, z_plus):
+    """Oracle: every z+ row through the mapping network on its own, as DualStyleGAN's decoder loops over rows."""
+    return torch.stack([G.mapping(z_plus[:, i]) for i in range(z_plus.shape[1])], dim=1)
+
+
+def test_z_plus_official_checkpoint_loads_and_maps_every_row(tmp_path, enc_sd, img, tiny_G):
+    path = _write(tmp_path / "encoder.pt", enc_sd, _opts("psp", start_from_latent_avg=False, z_plus_latent=True),
+                  None, generator_to_rosinality(tiny_G))
+    ck = load_encoder(path)
+    assert ck.config.latent_space == "z+" and not ck.config.add_latent_avg and ck.config.kind == "psp"
+    codes = ck.encoder(img)  # the forward returns codes in the encoder's own space
+    torch.testing.assert_close(codes.double(), o_encoder(enc_sd, img, "psp"), rtol=1e-5, atol=1e-5)
+    ws = codes_to_ws(codes, "z+", ck.decoder.mapping)
+    assert ws.shape == (2, N_STYLES, tiny_G.w_dim)
+    torch.testing.assert_close(ws, _rowwise_mapping(tiny_G, codes), rtol=0, atol=1e-5)
+    torch.testing.assert_close(z_plus_to_ws(tiny_G.mapping, codes), ws, rtol=0, atol=0)
+    assert not torch.allclose(ws, codes, atol=1e-2)  # the mapping really ran
+    assert torch.equal(codes_to_ws(codes, "w+"), codes)
+    with pytest.raises(ValueError, match="mapping"):
+        codes_to_ws(codes, "z+")
+    # The decoder's truncation centre is never taken from a z+ latent_avg (that is a z code, not a w).
+    avg = torch.randn(W_DIM, generator=torch.Generator().manual_seed(2)) + 5.0
+    with_avg = _write(tmp_path / "avg.pt", enc_sd, _opts("psp", z_plus_latent=True), avg,
+                      generator_to_rosinality(tiny_G))
+    dec = load_encoder(with_avg).decoder
+    assert not torch.allclose(dec.mapping.w_avg, avg, atol=1.0)
+    torch.testing.assert_close(dec.mapping.w_avg, ck.decoder.mapping.w_avg, rtol=0, atol=0)
+
+
+def test_z_plus_recognition_from_opts_and_caller(tmp_path, enc_sd, img):
+    g = torch.Generator().manual_seed(8)
+    avg = torch.randn(N_STYLES, W_DIM, generator=g)
+    plain = _write(tmp_path / "plain.pt", enc_sd, _opts("psp", start_from_latent_avg=False))
+    assert load_encoder(plain).config.latent_space == "w+"  # nothing recorded: the official default, W+
+    assert load_encoder(plain, latent_space="z+").config.latent_space == "z+"  # the caller says which
+    for value in ("z+", "zplus", "Z_PLUS"):
+        named = _write(tmp_path / f"named{len(value)}.pt", enc_sd, _opts("e4e", latent_space=value), avg)
+        ck = load_encoder(named)
+        assert ck.config.latent_space == "z+" and ck.config.kind == "e4e"
+        # start_from_latent_avg adds the checkpoint's latent_avg in the encoder's own space, as the official code
+        torch.testing.assert_close(ck.encoder(img).double(), o_encoder(enc_sd, img, "e4e", latent_avg=avg),
+                                   rtol=1e-5, atol=1e-5)
+    assert load_encoder(_write(tmp_path / "w.pt", enc_sd, _opts("psp", z_plus_latent=False), avg)) \
+        .config.latent_space == "w+"
+    bad = {
+        "contradiction": (_opts("psp", z_plus_latent=True, latent_space="w+"), avg, "contradicts"),
+        "unknown space": (_opts("psp", latent_space="s"), avg, "neither"),
+        "no latent_avg": (_opts("psp", z_plus_latent=True), None, "latent_avg"),
+    }
+    for name, (opts, latent_avg, needle) in bad.items():
+        path = _write(tmp_path / f"bad-{name.replace(' ', '_')}.pt", enc_sd, opts, latent_avg)
+        with pytest.raises(CheckpointError, match=needle) as e:
+            load_encoder(path)
+        _one_line(e.value)
+    with pytest.raises(ValueError, match="latent space"):
+        load_encoder(plain, latent_space="w")
+
+
+def test_z_plus_decoder_must_fit(tmp_path, enc_sd):
+    from training.networks import Generator, GeneratorConfig
+    import dataclasses
+    G = Generator(dataclasses.replace(GeneratorConfig.tiny(resolution=32, w_dim=64), z_dim=32))  # z_dim != 64
+    path = _write(tmp_path / "zp.pt", enc_sd, _opts("psp", start_from_latent_avg=False, z_plus_latent=True), None,
+                  generator_to_rosinality(G))
+    with pytest.raises(CheckpointError, match="z_dim") as e:
+        load_encoder(path)
+    _one_line(e.value)
+
+
+def test_z_plus_round_trips_are_bit_exact(tmp_path, enc_sd, img, tiny_G):
+    src = _write(tmp_path / "src.pt", enc_sd, _opts("e4e", start_from_latent_avg=False, z_plus_latent=True), None,
+                 generator_to_rosinality(tiny_G))
+    ck = load_encoder(src)
+    codes = ck.encoder(img)
+    back = load_encoder(save_encoder(tmp_path / "native", ck.encoder))
+    assert back.config == ck.config and back.config.latent_space == "z+"
+    assert torch.equal(back.encoder(img), codes)
+    with pytest.raises(CheckpointError, match="z\\+ encoder, not w\\+"):
+        load_encoder(tmp_path / "native", latent_space="w+")
+    official = save_official(tmp_path / "out.pt", ck.encoder, ck.decoder)
+    raw = torch.load(official, weights_only=True)
+    assert raw["opts"]["z_plus_latent"] is True and raw["opts"]["latent_space"] == "z+"
+    assert "latent_avg" not in raw
+    want = {f"encoder.{k}": v for k, v in enc_sd.items()}
+    assert all(torch.equal(raw["state_dict"][k], v) for k, v in want.items())
+    again = load_encoder(official)
+    assert again.config == ck.config and torch.equal(again.encoder(img), codes)
+    assert torch.equal(codes_to_ws(again.encoder(img), "z+", again.decoder.mapping),
+                       codes_to_ws(codes, "z+", tiny_G.mapping))
+    import dataclasses
+
+    from training.networks import Generator, GeneratorConfig
+    with pytest.raises(ValueError, match="z_dim"):
+        save_official(tmp_path / "bad.pt", ck.encoder,
+                      Generator(dataclasses.replace(GeneratorConfig.tiny(resolution=32, w_dim=64), z_dim=16)))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_z_plus_onnx_graph_is_encoder_plus_mapping(tmp_path, enc_sd, tiny_G):
+    import onnxruntime as ort
+
+    from export.encoder_export import encoder_golden, export_encoder
+
+    enc = load_encoder(_write(tmp_path / "zp.pt", enc_sd, _opts("psp", start_from_latent_avg=False,
+                                                                 z_plus_latent=True))).encoder
+    with pytest.raises(ValueError, match="generator"):
+        export_encoder(enc, tmp_path / "no-G.onnx")
+    info = export_encoder(enc, tmp_path / "encoder.onnx", generator=tiny_G)
+    assert not enc.training and not tiny_G.training  # exporting leaves the caller's modules in eval mode
+    assert list(info.outputs) == ["ws"] and info.outputs["ws"]["shape"][1:] == [N_STYLES, tiny_G.w_dim]
+    sess = ort.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 2 - 1  # exported at batch 2
+    (got,) = sess.run(["ws"], {"img": x.numpy()})
+    with torch.no_grad():
+        want = _rowwise_mapping(tiny_G, enc(x))
+    assert got.shape == (3, N_STYLES, tiny_G.w_dim)
+    assert np.abs(got - want.numpy()).max() <= 1e-4
+    golden = encoder_golden(enc, tiny_G)  # the bundle's golden ws are W+ too
+    (g_ws,) = sess.run(["ws"], {"img": golden["enc_img_u8"].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1})
+    assert np.abs(g_ws - golden["enc_ws"]).max() <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_z_plus_encoder_in_a_bundle_verifies(tmp_path, enc_sd, tiny_G):
+    from export.bundle import BundleOptions, build_bundle, verify_bundle
+
+    enc_path = _write(tmp_path / "encoder.pt", enc_sd, _opts("psp", start_from_latent_avg=False,
+                                                              z_plus_latent=True))
+    ck = save_native(tmp_path / "gen", tiny_G)
+    out = build_bundle(ck, tmp_path / "bundle", BundleOptions(name="zp", encoder=enc_path))
+    report = verify_bundle(out)
+    assert report.ok, (report.problems, [c for c in report.checks if not c.ok])
+    assert any(c.graph == "encoder" for c in report.checks)

@@ -1,17 +1,25 @@
-"""pSp and e4e image -> W+ encoders on the IR-SE50 backbone (Richardson et al., "Encoding in Style: a StyleGAN
+"""pSp and e4e image -> W+ (or z+) encoders on the IR-SE50 backbone (Richardson et al., "Encoding in Style: a StyleGAN
 Encoder for Image-to-Image Translation", CVPR 2021; Tov et al., "Designing an Encoder for StyleGAN Image
-Manipulation", SIGGRAPH 2021), loading the official checkpoints and stylecast's native encoder format.
+Manipulation", SIGGRAPH 2021; the z+ variant of Yang et al., "Pastiche Master: Exemplar-Based High-Resolution
+Portrait Style Transfer" (DualStyleGAN), CVPR 2022), loading the official checkpoints and stylecast's native format.
 
 Both encoders share the IR-SE body, a feature pyramid (c3 -> p2 = up(c3) + latlayer1(c2) -> p1 = up(p2) +
 latlayer2(c1)) and one GradualStyleBlock per latent: coarse latents (i < 3) read the 16 px map c3, middle ones
 (i < 7) the 32 px p2, fine ones the 64 px p1 (for 256 px inputs). pSp predicts every latent independently; e4e
-predicts w0 and adds per-latent offsets to it. Both add the generator's mean latent when the checkpoint was
-trained with start_from_latent_avg.
+predicts w0 and adds per-latent offsets to it. Both add the checkpoint's mean latent when it was trained with
+start_from_latent_avg.
+
+Latent spaces: a "w+" encoder predicts ws directly. A "z+" encoder (DualStyleGAN's ``encoder.pt``) predicts one
+z-space code per layer; each row goes through the generator's mapping network separately, without truncation, to
+give ws (``z_plus_to_ws``). The forward pass always returns codes in the encoder's own space; ``codes_to_ws`` turns
+either into ws.
 
 Formats:
     official  ``torch.load``-able dict ``{"state_dict": {"encoder.*", "decoder.*"}, "opts": {...},
               "latent_avg": [512] | [n_styles, 512]}`` (decoder.* are rosinality g_ema keys), read with
-              ``weights_only=True``;
+              ``weights_only=True``. The official code passes the z+ switch at call time and does not record it,
+              so a z+ checkpoint is recognised from ``opts["z_plus_latent"]`` or ``opts["latent_space"]`` (which
+              ``save_official`` writes) or must be named by the caller (``load_encoder(latent_space="z+")``);
     native    a directory with ``config.json`` (``{"format": "stylecast.encoder/v1", "config": EncoderConfig,
               "meta": {...}}``) and ``encoder.safetensors`` (every parameter and buffer, latent_avg included).
 """
@@ -44,6 +52,10 @@ from training.networks.stylegan2 import EqualLinear, Generator
 
 ENCODER_FORMAT = "stylecast.encoder/v1"
 KINDS = ("psp", "e4e")
+#: "w+": the encoder predicts ws; "z+": one z per layer, mapped to ws row by row (DualStyleGAN).
+LATENT_SPACES = ("w+", "z+")
+#: opts values that name the z+ space in a checkpoint (``opts["latent_space"]``).
+_Z_PLUS_NAMES = ("z+", "zplus", "z_plus")
 #: opts["encoder_type"] of the official code for each kind.
 OFFICIAL_TYPES = {"psp": "GradualStyleEncoder", "e4e": "Encoder4Editing"}
 LRELU_SLOPE = 0.01  # torch.nn.LeakyReLU()'s default, which the official GradualStyleBlock uses
@@ -68,15 +80,15 @@ class EncoderConfig:
     w_dim: int = 512
     input_size: int = 256  # aligned face side in px
     add_latent_avg: bool = True  # official opts.start_from_latent_avg
-    latent_space: str = "w+"
+    latent_space: str = "w+"  # "w+" | "z+" (see LATENT_SPACES)
     coarse_ind: int = 3
     middle_ind: int = 7
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"encoder kind must be one of {KINDS}, got {self.kind!r}")
-        if self.latent_space != "w+":
-            raise ValueError(f"only the 'w+' latent space is supported, got {self.latent_space!r}")
+        if self.latent_space not in LATENT_SPACES:
+            raise ValueError(f"encoder latent space must be one of {LATENT_SPACES}, got {self.latent_space!r}")
         if len(self.backbone.widths) != N_STAGES:
             raise ValueError(f"pSp / e4e need a {N_STAGES}-stage IR-SE body, got widths {self.backbone.widths}")
         if self.backbone.in_channels != 3:
@@ -258,7 +270,8 @@ class GradualStyleEncoder(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """Args: img [N, 3, S, S] float in [-1, 1], S = cfg.input_size (see preprocess).
-        Returns: ws [N, n_styles, w_dim] float."""
+        Returns: codes [N, n_styles, w_dim] float in cfg.latent_space: ws for a "w+" encoder, z+ codes for a
+        "z+" one (codes_to_ws maps either to ws)."""
         if not torch.jit.is_tracing():
             self.check_input(img)
         ws = self.codes(img)
@@ -305,6 +318,50 @@ def build_encoder(cfg: EncoderConfig) -> GradualStyleEncoder:
     return (Encoder4Editing if cfg.kind == "e4e" else GradualStyleEncoder)(cfg)
 
 
+def z_plus_to_ws(mapping: nn.Module, z_plus: torch.Tensor) -> torch.Tensor:
+    """Map z+ codes to ws: every row separately through the mapping network, no truncation (DualStyleGAN).
+
+    Args:
+        mapping: a generator's mapping network ``G.mapping`` ([M, z_dim] -> [M, w_dim]; gradients flow through).
+        z_plus: [N, num_ws, z_dim] float.
+    Returns:
+        ws [N, num_ws, w_dim] float32.
+    """
+    if z_plus.ndim != 3:
+        raise ValueError(f"z+ codes must be [N, num_ws, z_dim], got {tuple(z_plus.shape)}")
+    k, d = int(z_plus.shape[1]), int(z_plus.shape[2])
+    # Rows are independent: flattening to [N * num_ws, z_dim] maps each one on its own (the mapping normalises
+    # every z over its own z_dim, so no statistics are shared between rows). -1 keeps N dynamic in ONNX graphs.
+    w = mapping(z_plus.reshape(-1, d))  # [N * num_ws, w_dim]
+    return w.reshape(-1, k, int(w.shape[-1]))
+
+
+def codes_to_ws(codes: torch.Tensor, latent_space: str, mapping: nn.Module | None = None) -> torch.Tensor:
+    """An encoder's output in its latent space -> ws [N, num_ws, w_dim].
+
+    Args:
+        codes: [N, num_ws, D] from an encoder's forward.
+        latent_space: the encoder's ``cfg.latent_space`` ("w+": returned as is; "z+": see z_plus_to_ws).
+        mapping: the generator's mapping network (required for "z+").
+    """
+    if latent_space == "w+":
+        return codes
+    if latent_space == "z+":
+        if mapping is None:
+            raise ValueError("a z+ encoder's codes need the generator's mapping network to become ws")
+        return z_plus_to_ws(mapping, codes)
+    raise ValueError(f"unknown latent space {latent_space!r}; expected one of {LATENT_SPACES}")
+
+
+def check_encoder_fits(cfg: EncoderConfig, G: Generator, what: str = "encoder") -> None:
+    """Raise ValueError unless the encoder's codes fit G: n_styles == num_ws and w_dim == G.w_dim (w+) or
+    G.z_dim (z+)."""
+    dim, name = (G.w_dim, "w_dim") if cfg.latent_space == "w+" else (G.z_dim, "z_dim")
+    if cfg.n_styles != G.num_ws or cfg.w_dim != dim:
+        raise ValueError(f"{what} outputs [N, {cfg.n_styles}, {cfg.w_dim}] latents ({cfg.latent_space}) but the "
+                         f"generator takes [N, {G.num_ws}, {dim}] ({name})")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -325,14 +382,17 @@ class EncoderCheckpoint:
         return self.encoder.cfg
 
 
-def load_encoder(path: str | os.PathLike, with_decoder: bool = True,
-                 device: str | torch.device = "cpu") -> EncoderCheckpoint:
+def load_encoder(path: str | os.PathLike, with_decoder: bool = True, device: str | torch.device = "cpu",
+                 latent_space: str | None = None) -> EncoderCheckpoint:
     """Load a native encoder directory or an official pSp / e4e ``.pt`` checkpoint.
 
     Args:
         path: native directory (config.json + encoder.safetensors) or an official checkpoint file.
         with_decoder: also build the official checkpoint's ``decoder.*`` as our Generator.
         device: where to put the networks.
+        latent_space: None = from the checkpoint (native config; official opts ``z_plus_latent`` /
+            ``latent_space``, else "w+"); "w+" or "z+" = the caller's statement, needed for official z+
+            checkpoints that do not record it (a native config that disagrees is an error).
     Returns:
         EncoderCheckpoint with the encoder (and decoder) in eval mode with requires_grad False.
     Raises:
@@ -340,14 +400,18 @@ def load_encoder(path: str | os.PathLike, with_decoder: bool = True,
         CheckpointError (a ValueError): with a one-line message naming the file and the problem.
     """
     p = Path(path)
+    if latent_space is not None and latent_space not in LATENT_SPACES:
+        raise ValueError(f"encoder latent space must be one of {LATENT_SPACES}, got {latent_space!r}")
     if not p.exists():
         raise FileNotFoundError(f"encoder checkpoint not found: {p}")
     if p.is_dir():
         ckpt = _load_native(p)
+        if latent_space is not None and latent_space != ckpt.config.latent_space:
+            raise CheckpointError(f"{p}: a {ckpt.config.latent_space} encoder, not {latent_space}")
     else:
         if p.stat().st_size == 0:
             raise CheckpointError(f"{p} is empty")
-        ckpt = _load_official(p, with_decoder)
+        ckpt = _load_official(p, with_decoder, latent_space)
     ckpt.encoder.eval().requires_grad_(False).to(device)
     if ckpt.decoder is not None:
         ckpt.decoder.eval().requires_grad_(False).to(device)
@@ -385,7 +449,23 @@ def _kind_from_opts(opts: Mapping[str, Any], what: str) -> str:
                           "and e4e's 'Encoder4Editing' W+ encoders are)")
 
 
-def _load_official(path: Path, with_decoder: bool) -> EncoderCheckpoint:
+def _latent_space_from_opts(opts: Mapping[str, Any], what: str) -> str:
+    """"z+" when the opts say so (``z_plus_latent`` true or ``latent_space`` naming z+), else "w+"."""
+    named = opts.get("latent_space")
+    if named is not None:
+        if not isinstance(named, str) or named.lower() not in _Z_PLUS_NAMES + ("w+", "wplus", "w_plus"):
+            raise CheckpointError(f"{what}: opts latent_space={named!r} is neither W+ nor z+")
+        from_name = "z+" if named.lower() in _Z_PLUS_NAMES else "w+"
+    else:
+        from_name = None
+    flag = opts.get("z_plus_latent")
+    from_flag = None if flag is None else ("z+" if bool(flag) else "w+")
+    if from_name and from_flag and from_name != from_flag:
+        raise CheckpointError(f"{what}: opts latent_space={named!r} contradicts z_plus_latent={flag!r}")
+    return from_name or from_flag or "w+"
+
+
+def _load_official(path: Path, with_decoder: bool, latent_space: str | None = None) -> EncoderCheckpoint:
     what = str(path)
     obj = _torch_load_safe(path)
     if not isinstance(obj, dict):
@@ -410,6 +490,7 @@ def _load_official(path: Path, with_decoder: bool) -> EncoderCheckpoint:
         raise CheckpointError(f"{what}: learn_in_w models (one W code for all layers) are not supported; "
                               "only W+ encoders are")
     add_avg = bool(opts.get("start_from_latent_avg", False))
+    space = latent_space or _latent_space_from_opts(opts, what)
 
     enc_sd: dict[str, Any] = {}
     dec_sd: dict[str, Any] = {}
@@ -424,7 +505,7 @@ def _load_official(path: Path, with_decoder: bool) -> EncoderCheckpoint:
             unknown.append(k)
     if unknown:
         raise CheckpointError(f"{what}: unknown keys {key_list(sorted(unknown))} (expected encoder.* and decoder.*)")
-    cfg = infer_encoder_config(enc_sd, kind, add_avg, what)
+    cfg = infer_encoder_config(enc_sd, kind, add_avg, what, latent_space=space)
     _check_opts_size(opts, cfg, what)
 
     latent_avg = obj.get("latent_avg")
@@ -432,10 +513,16 @@ def _load_official(path: Path, with_decoder: bool) -> EncoderCheckpoint:
         latent_avg = _expand_latent_avg(latent_avg, cfg, what)
     decoder = None
     if dec_sd and (with_decoder or (add_avg and latent_avg is None)):
-        decoder = generator_from_rosinality(dec_sd, _generator_w_avg(latent_avg), f"{what} (decoder)")
-        if decoder.cfg.num_ws != cfg.n_styles:
-            raise CheckpointError(f"{what}: the decoder takes {decoder.cfg.num_ws} latents but the encoder predicts "
-                                  f"{cfg.n_styles}")
+        # A z+ encoder's latent_avg (if any) lives in its own space, not W: no truncation centre from it.
+        w_avg = _generator_w_avg(latent_avg) if space == "w+" else None
+        decoder = generator_from_rosinality(dec_sd, w_avg, f"{what} (decoder)")
+        try:
+            check_encoder_fits(cfg, decoder, "the encoder")
+        except ValueError as exc:
+            raise CheckpointError(f"{what}: the decoder does not fit: {exc}") from None
+    if add_avg and latent_avg is None and space == "z+":
+        raise CheckpointError(f"{what}: start_from_latent_avg is set for a z+ encoder but the checkpoint has no "
+                              "latent_avg (the decoder's mean W is not a z+ code)")
     if add_avg and latent_avg is None:
         if decoder is None:
             raise CheckpointError(f"{what}: start_from_latent_avg is set but there is neither a latent_avg nor a "
@@ -453,7 +540,8 @@ _STYLE_KEY = re.compile(r"^styles\.(\d+)\.")
 _CONV_KEY = re.compile(r"^styles\.(\d+)\.convs\.(\d+)\.weight$")
 
 
-def infer_encoder_config(sd: Mapping[str, Any], kind: str, add_latent_avg: bool, what: str) -> EncoderConfig:
+def infer_encoder_config(sd: Mapping[str, Any], kind: str, add_latent_avg: bool, what: str,
+                         latent_space: str = "w+") -> EncoderConfig:
     """EncoderConfig from the shapes of an official encoder state dict (keys without the ``encoder.`` prefix).
 
     The input size follows from the number of convolutions of the coarse GradualStyleBlocks, coarse_ind and
@@ -490,7 +578,7 @@ def infer_encoder_config(sd: Mapping[str, Any], kind: str, add_latent_avg: bool,
     try:
         return EncoderConfig(kind=kind, backbone=backbone, n_styles=n_styles, w_dim=int(lin.shape[0]),
                              input_size=backbone.reduction_factor * 2 ** n_convs[0], add_latent_avg=add_latent_avg,
-                             coarse_ind=coarse, middle_ind=middle)
+                             latent_space=latent_space, coarse_ind=coarse, middle_ind=middle)
     except ValueError as exc:
         raise CheckpointError(f"{what}: unsupported encoder shapes ({exc})") from None
 
@@ -581,7 +669,7 @@ def save_official(path: str | os.PathLike, enc: GradualStyleEncoder, decoder: Ge
     Returns:
         path.
     Raises:
-        ValueError: n_styles is not 2 log2(R) - 2 for a resolution R, or the decoder's num_ws differs.
+        ValueError: n_styles is not 2 log2(R) - 2 for a resolution R, or the decoder does not fit the encoder.
         FileExistsError: path exists and overwrite is False.
     """
     path = Path(path)
@@ -591,11 +679,13 @@ def save_official(path: str | os.PathLike, enc: GradualStyleEncoder, decoder: Ge
     if cfg.output_size is None:
         raise ValueError(f"n_styles={cfg.n_styles} is not 2 log2(R) - 2 for any resolution R; the official "
                          "format derives n_styles from output_size")
-    if decoder is not None and decoder.cfg.num_ws != cfg.n_styles:
-        raise ValueError(f"the decoder takes {decoder.cfg.num_ws} latents but the encoder predicts {cfg.n_styles}")
+    if decoder is not None:
+        check_encoder_fits(cfg, decoder, "the encoder")
+    # z_plus_latent / latent_space are stylecast's record of the space (the official code ignores unknown opts).
     opts = {"encoder_type": OFFICIAL_TYPES[cfg.kind], "input_nc": 3, "label_nc": 0, "output_size": cfg.output_size,
             "stylegan_size": cfg.output_size, "n_styles": cfg.n_styles,
-            "start_from_latent_avg": cfg.add_latent_avg, "learn_in_w": False}
+            "start_from_latent_avg": cfg.add_latent_avg, "learn_in_w": False,
+            "z_plus_latent": cfg.latent_space == "z+", "latent_space": cfg.latent_space}
     obj: dict[str, Any] = {"state_dict": official_state_dict(enc, decoder), "opts": opts}
     if cfg.add_latent_avg:
         obj["latent_avg"] = enc.latent_avg.detach().cpu().clone()
