@@ -7,6 +7,7 @@ library only. The same rules are published as JSON Schema in protos/bundle_manif
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ GOLDEN_NAME = "golden.npz"
 BUNDLE_KINDS = ("stylegan2", "fast_style", "dualstylegan")
 ENCODER_KINDS = ("psp", "e4e")
 ALIGNMENTS = ("ffhq",)
+# dualstylegan: the truncation rule of the intrinsic codes (ws = psi * w: towards 0, as the official scripts).
+DUALSTYLE_TRUNCATION = "zero"
+DUALSTYLE_SYNTHESIS_INPUTS = ("ws", "exstyle_w", "weights")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SCHEMA_PATH = Path(__file__).with_name("bundle_manifest.schema.json")
@@ -102,6 +106,67 @@ def validate_manifest(doc: Any) -> list[str]:
         errors += _validate_stylegan2(doc, graphs)
     if kind == "fast_style" and not errors:
         errors += _validate_fast_style(doc, graphs)
+    if kind == "dualstylegan" and not errors:
+        errors += _validate_dualstylegan(doc, graphs, files)
+    return errors
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate_dualstylegan(doc: dict, graphs: dict, files: dict) -> list[str]:
+    """dualstylegan (DualStyleGAN, Yang et al., CVPR 2022): the generator dims, res_index, default psi (truncation
+    towards 0) and weights, a `mapping` graph (z -> w), a `synthesis` graph (ws, exstyle_w, weights -> image), the
+    style library (`styles`: file, count, names in id order), golden outputs, and no TensorRT engines."""
+    errors: list[str] = []
+    model = _req(doc, "model", dict, "manifest", errors)
+    if model is None:
+        return errors
+    dims = {}
+    for key in ("resolution", "z_dim", "w_dim", "num_ws"):
+        v = _req(model, key, int, "manifest.model", errors)
+        if v is not None and v <= 0:
+            errors.append(f"manifest.model.{key}: must be positive")
+        dims[key] = v
+    n = dims["num_ws"]
+    r = _req(model, "res_index", int, "manifest.model", errors)
+    if r is not None and isinstance(n, int) and (r % 2 or not 0 <= r <= n - 2):
+        errors.append(f"manifest.model.res_index: {r} must be an even integer in 0..num_ws-2")
+    if not _is_number(model.get("default_psi")):
+        errors.append("manifest.model.default_psi: expected a finite number")
+    if model.get("truncation") != DUALSTYLE_TRUNCATION:
+        errors.append(f"manifest.model.truncation: must be {DUALSTYLE_TRUNCATION!r} (ws = psi * w, towards 0)")
+    weights = model.get("default_weights")
+    if (not isinstance(weights, list) or not isinstance(n, int) or len(weights) != n
+            or not all(_is_number(v) for v in weights)):
+        errors.append("manifest.model.default_weights: expected a list of num_ws finite numbers")
+    for g in ("mapping", "synthesis"):
+        if g not in graphs:
+            errors.append(f"manifest.graphs: missing '{g}'")
+    if "synthesis" in graphs:
+        g = graphs["synthesis"]
+        if sorted(g["inputs"]) != sorted(DUALSTYLE_SYNTHESIS_INPUTS):
+            errors.append(f"manifest.graphs['synthesis']: inputs must be {list(DUALSTYLE_SYNTHESIS_INPUTS)}")
+        if "img_u8" not in g["outputs"]:
+            errors.append("manifest.graphs['synthesis']: needs an 'img_u8' output")
+    styles = doc.get("styles")
+    if not isinstance(styles, dict):
+        errors.append("manifest.styles: a dualstylegan bundle needs its style library ({file, count, names})")
+    else:
+        if styles.get("file") not in files:
+            errors.append("manifest.styles.file: not listed in manifest.files")
+        count, names = styles.get("count"), styles.get("names")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            errors.append("manifest.styles.count: expected a positive integer")
+        elif (not isinstance(names, list) or len(names) != count
+              or not all(isinstance(x, str) and x for x in names) or len(set(names)) != len(names)):
+            errors.append("manifest.styles.names: expected `count` distinct non-empty strings (id order)")
+    if not isinstance(doc.get("golden"), dict):
+        errors.append("manifest.golden: a dualstylegan bundle needs golden outputs")
+    if doc.get("engines"):
+        errors.append("manifest.engines: dualstylegan bundles carry no TensorRT engines (not supported)")
+    errors += _validate_latent_space(doc, model, graphs)
     return errors
 
 

@@ -6,6 +6,9 @@
         images[0].save("seed0000.png")
         for frame in c.generate_stream("demo", interpolate=[0, 7], steps=30):
             ...
+        # dualstylegan models: a library style (id or name) or an exemplar photo (bytes), weights, preserve_color
+        styles = c.list_styles("cartoon")                                  # [(id, name), ...]
+        out = c.stylize("cartoon", photo_bytes, style=53, weights=[0.75] * 7 + [1] * 11, preserve_color=True)
 """
 
 from __future__ import annotations
@@ -75,6 +78,40 @@ def latents(seeds: Sequence[int] | None = None, z=None, w=None, ws=None) -> cpb.
     return cpb.Latents(**{given[0]: tensor({"z": z, "w": w, "ws": ws}[given[0]])})
 
 
+def dualstyle_options(style: int | str | bytes | None = None, weights: Sequence[float] | None = None,
+                      preserve_color: bool = False, exstyle_z=None, exstyle_w=None) -> pb.DualStyleOptions | None:
+    """DualStyleOptions for a dualstylegan model, or None when nothing is set (the server then uses style 0 with the
+    bundle's default weights).
+
+    Args:
+        style: a library style id (int), a style name (str) or an exemplar portrait (PNG / JPEG / WebP bytes).
+        weights: num_ws per-layer extrinsic weights (None = the bundle's default).
+        preserve_color: keep the content's colours (the official --preserve_color).
+        exstyle_z / exstyle_w: an extrinsic code [1, num_ws, z_dim] (z+) / [1, num_ws, w_dim] (W+) instead of style.
+    """
+    given = [k for k, v in (("style", style), ("exstyle_z", exstyle_z), ("exstyle_w", exstyle_w)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of style, exstyle_z, exstyle_w (got {given})")
+    if not given and weights is None and not preserve_color:
+        return None
+    opts = pb.DualStyleOptions(preserve_color=bool(preserve_color))
+    if isinstance(style, bool):
+        raise ValueError("style must be an id, a name or image bytes")
+    if isinstance(style, int):
+        opts.style_id = style
+    elif isinstance(style, str):
+        opts.style_name = style
+    elif isinstance(style, (bytes, bytearray, memoryview)):
+        opts.style_image = bytes(style)
+    elif exstyle_z is not None:
+        opts.exstyle_z.CopyFrom(tensor(exstyle_z))
+    elif exstyle_w is not None:
+        opts.exstyle_w.CopyFrom(tensor(exstyle_w))
+    if weights is not None:
+        opts.weights.extend(float(v) for v in weights)
+    return opts
+
+
 def output_options(fmt: str = "png", quality: int = 0, size: int | tuple[int, int] | None = None) -> cpb.OutputOptions:
     if fmt not in FORMAT_ENUM:
         raise ValueError(f"unknown format {fmt!r}; use one of {sorted(FORMAT_ENUM)}")
@@ -122,6 +159,13 @@ class StyleClient:
     def get_model(self, name: str, timeout: float | None = None) -> pb.ModelInfo:
         return self.stub.GetModel(pb.GetModelRequest(name=name), **self._kw(timeout))
 
+    def list_styles_raw(self, model: str, timeout: float | None = None) -> pb.ListStylesResponse:
+        return self.stub.ListStyles(pb.ListStylesRequest(model=model), **self._kw(timeout))
+
+    def list_styles(self, model: str, timeout: float | None = None) -> list[tuple[int, str]]:
+        """A dualstylegan model's style library: [(id, name), ...] in id order."""
+        return [(s.id, s.name) for s in self.list_styles_raw(model, timeout).styles]
+
     def generate_raw(self, request: pb.GenerateRequest, timeout: float | None = None,
                      request_id: str | None = None) -> pb.GenerateResponse:
         return self.stub.Generate(request, **self._kw(timeout, request_id))
@@ -129,10 +173,15 @@ class StyleClient:
     def generate(self, model: str, seeds: Sequence[int] | None = None, *, z=None, w=None, ws=None,
                  psi: float | None = None, cutoff: int | None = None, mix: dict | None = None, fmt: str = "png",
                  quality: int = 0, size: int | tuple[int, int] | None = None, timeout: float | None = None,
-                 request_id: str | None = None) -> list[GeneratedImage]:
-        """Render latents (one of seeds, z, w, ws). mix={"crossover": k, "seeds"|"z"|"w"|"ws": fine latents}."""
+                 request_id: str | None = None, style: int | str | bytes | None = None,
+                 weights: Sequence[float] | None = None, preserve_color: bool = False) -> list[GeneratedImage]:
+        """Render latents (one of seeds, z, w, ws). mix={"crossover": k, "seeds"|"z"|"w"|"ws": fine latents}.
+        dualstylegan models: style / weights / preserve_color as `dualstyle_options` (psi truncates towards 0)."""
         req = pb.GenerateRequest(model=model, latents=latents(seeds, z, w, ws),
                                  output=output_options(fmt, quality, size))
+        dual = dualstyle_options(style, weights, preserve_color)
+        if dual is not None:
+            req.dualstyle.CopyFrom(dual)
         if psi is not None:
             req.psi = float(psi)
         if cutoff is not None:
@@ -148,13 +197,18 @@ class StyleClient:
                         interpolate: Sequence[int] | None = None, waypoints=None, space: str = "z",
                         steps: int = 16, mode: str | None = None, psi: float | None = None,
                         cutoff: int | None = None, fmt: str = "png", quality: int = 0,
-                        size: int | tuple[int, int] | None = None, timeout: float | None = None
-                        ) -> Iterator[GeneratedImage]:
+                        size: int | tuple[int, int] | None = None, timeout: float | None = None,
+                        style: int | str | bytes | None = None, weights: Sequence[float] | None = None,
+                        preserve_color: bool = False) -> Iterator[GeneratedImage]:
         """Stream seeds, or an interpolation through seeds (`interpolate`) or latents (`waypoints` in `space`).
 
         Frames arrive in order as they are rendered; breaking out of the loop cancels the call on the server.
+        dualstylegan models: style / weights / preserve_color as `dualstyle_options`.
         """
         req = pb.GenerateStreamRequest(model=model, output=output_options(fmt, quality, size))
+        dual = dualstyle_options(style, weights, preserve_color)
+        if dual is not None:
+            req.dualstyle.CopyFrom(dual)
         if seeds is not None:
             req.seeds.CopyFrom(cpb.SeedList(seeds=[int(s) for s in seeds]))
         else:
@@ -179,11 +233,16 @@ class StyleClient:
     @staticmethod
     def stylize_request(model: str, image: bytes, *, faces: str | int = "largest", composite: str = "paste",
                         feather: float = 0.0, psi: float | None = None, fmt: str = "png", quality: int = 0,
-                        size: int | tuple[int, int] | None = None) -> pb.StylizeRequest:
-        """A StylizeRequest. faces: "largest" | "all" | an index (largest first); composite: "paste" | "crop"."""
+                        size: int | tuple[int, int] | None = None, style: int | str | bytes | None = None,
+                        weights: Sequence[float] | None = None, preserve_color: bool = False) -> pb.StylizeRequest:
+        """A StylizeRequest. faces: "largest" | "all" | an index (largest first); composite: "paste" | "crop";
+        dualstylegan models: style (id, name or exemplar bytes), weights, preserve_color (see dualstyle_options)."""
         opts = face_options(faces, composite, feather, psi)
-        return pb.StylizeRequest(model=model, image=bytes(image), output=output_options(fmt, quality, size),
-                                 face=opts)
+        req = pb.StylizeRequest(model=model, image=bytes(image), output=output_options(fmt, quality, size), face=opts)
+        dual = dualstyle_options(style, weights, preserve_color)
+        if dual is not None:
+            req.dualstyle.CopyFrom(dual)
+        return req
 
     def stylize_raw(self, request: pb.StylizeRequest, timeout: float | None = None,
                     request_id: str | None = None) -> pb.StylizeResponse:

@@ -14,6 +14,19 @@ request parameters `faces` "largest"|"all"|index, `composite` "paste"|"crop", `p
 and per fast_style bundle `<name>`: IMAGE UINT8 [-1, -1, -1, 3] (RGB pixels, any size up to the bundle's
 max_size) -> STYLIZED UINT8 [-1, -1, -1, 3] of the same size.
 
+Per dualstylegan bundle `<name>` (DualStyleGAN; psi truncates towards 0, ws = psi * w):
+
+    <name>            SEED INT64 [-1, 1] (or Z FP32 [-1, z_dim]) + optional PSI FP32 [-1, 1]
+                      + optional STYLE_ID INT64 [-1, 1] (1 or N rows; default 0)
+                      + optional WEIGHTS FP32 [-1, num_ws] (1 or N rows; default the bundle's)    -> IMAGE UINT8
+    <name>.synthesis  WS FP32 [-1, num_ws, w_dim] + EXSTYLE_W FP32 [-1, num_ws, w_dim] + WEIGHTS FP32 [-1, num_ws]
+                      (the synthesis graph's own inputs, N rows each)                             -> IMAGE UINT8
+    <name>.stylize    as for stylegan2, with the extra parameters `style_id` (int64 or a style name as string),
+                      `weights` (string "w0,w1,..."), `preserve_color` (bool); `psi` defaults to the bundle's
+
+Not exposed over KServe (use StyleService): exemplar style images, extrinsic codes (exstyle_z / exstyle_w) outside
+`.synthesis`, ListStyles (the style table is in GetModel / ListStyles of StyleService), preserve_color for seeds.
+
 Inputs come in `raw_input_contents` (or typed `contents`), outputs go out in `raw_output_contents`. PSI absent =
 the bundle's default_psi (as StyleService). Errors: unknown model / version NOT_FOUND, a model still loading
 FAILED_PRECONDITION, bad tensors INVALID_ARGUMENT naming the tensor. ModelStreamInfer reports per-request errors
@@ -47,8 +60,9 @@ from .config import Limits
 from .errors import InvalidArgument, ModelNotFound, ServingError
 from .logs import log
 from .metrics import Metrics
+from .dualstyle_model import DualStyleGANModel, StyleRequest, parse_weights
 from .fast_style_model import FastStyleModel
-from .models import StyleGAN2Model
+from .models import LatentModel, StyleGAN2Model
 from .repository import ModelRepository
 
 logger = logging.getLogger("serving.kserve")
@@ -75,7 +89,7 @@ class TensorSpec:
         self.name, self.datatype, self.dims, self.optional = name, datatype, dims, optional  # dims without batch
 
 
-def _specs(model: StyleGAN2Model | FastStyleModel, mode: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _specs(model: LatentModel | FastStyleModel, mode: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     if isinstance(model, FastStyleModel):
         # -1: any height/width (checked against the bundle's max_size per image)
         return [TensorSpec("IMAGE", "UINT8", (-1, -1, 3))], [TensorSpec("STYLIZED", "UINT8", (-1, -1, 3))]
@@ -83,10 +97,19 @@ def _specs(model: StyleGAN2Model | FastStyleModel, mode: str) -> tuple[list[Tens
         return [TensorSpec("IMAGE", "BYTES", (1,))], [TensorSpec("STYLIZED", "BYTES", (1,))]
     r = model.resolution
     out = [TensorSpec("IMAGE", "UINT8", (r, r, 3))]
+    dual = isinstance(model, DualStyleGANModel)
     if mode == "synthesis":
-        return [TensorSpec("WS", "FP32", (model.num_ws, model.w_dim))], out
-    return [TensorSpec("SEED", "INT64", (1,)), TensorSpec("Z", "FP32", (model.z_dim,), optional=True),
-            TensorSpec("PSI", "FP32", (1,), optional=True)], out
+        ins = [TensorSpec("WS", "FP32", (model.num_ws, model.w_dim))]
+        if dual:
+            ins += [TensorSpec("EXSTYLE_W", "FP32", (model.num_ws, model.w_dim)),
+                    TensorSpec("WEIGHTS", "FP32", (model.num_ws,))]
+        return ins, out
+    ins = [TensorSpec("SEED", "INT64", (1,)), TensorSpec("Z", "FP32", (model.z_dim,), optional=True),
+           TensorSpec("PSI", "FP32", (1,), optional=True)]
+    if dual:
+        ins += [TensorSpec("STYLE_ID", "INT64", (1,), optional=True),
+                TensorSpec("WEIGHTS", "FP32", (model.num_ws,), optional=True)]
+    return ins, out
 
 
 def _param(value: Any) -> pb.InferParameter:
@@ -149,7 +172,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = lease.model
         faceless = mode == "stylize" and not (getattr(model, "encoder", None) is not None
                                                or getattr(model, "latent_space", ""))
-        if (not isinstance(model, (StyleGAN2Model, FastStyleModel)) or (mode and isinstance(model, FastStyleModel))
+        if (not isinstance(model, (StyleGAN2Model, DualStyleGANModel, FastStyleModel))
+                or (mode and isinstance(model, FastStyleModel))
                 or faceless):
             lease.release()
             raise ModelNotFound(f"model {name!r} is a {model.kind!r} model, not served over the inference protocol")
@@ -337,6 +361,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return resp
             if mode == "stylize":
                 return await self._stylize(model, request, x["IMAGE"][:, 0], deadline)
+            if isinstance(model, DualStyleGANModel):
+                img = await model.synthesize_rows(await self._dualstyle_rows(model, mode, x), deadline)
+                resp = pb.ModelInferResponse(model_name=request.model_name, model_version=model.version,
+                                             id=request.id)
+                resp.outputs.add(name="IMAGE", datatype="UINT8", shape=list(img.shape))
+                resp.raw_output_contents.append(np.ascontiguousarray(img).tobytes())
+                return resp
             if mode == "synthesis":
                 if "WS" not in x:
                     raise InvalidArgument("input 'WS' is required")
@@ -349,15 +380,42 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         resp.raw_output_contents.append(np.ascontiguousarray(img).tobytes())
         return resp
 
-    async def _stylize(self, model: StyleGAN2Model, request: pb.ModelInferRequest, images: np.ndarray,
+    async def _dualstyle_rows(self, model: DualStyleGANModel, mode: str, x: dict[str, np.ndarray]) -> np.ndarray:
+        """Packed synthesis rows of a dualstylegan request: `.synthesis` takes WS, EXSTYLE_W, WEIGHTS as they are;
+        `<name>` maps SEED / Z (psi towards 0) and looks STYLE_ID up in the library, WEIGHTS defaulting to the
+        bundle's (1 or N rows each)."""
+        if mode == "synthesis":
+            missing = [k for k in ("WS", "EXSTYLE_W", "WEIGHTS") if k not in x]
+            if missing:
+                raise InvalidArgument(f"inputs {missing} are required")
+            n = len(x["WS"])
+            if len(x["EXSTYLE_W"]) != n or len(x["WEIGHTS"]) != n:
+                raise InvalidArgument(f"inputs 'WS', 'EXSTYLE_W' and 'WEIGHTS' need the same number of rows "
+                                      f"({n}, {len(x['EXSTYLE_W'])}, {len(x['WEIGHTS'])})")
+            return model.pack(x["WS"], x["EXSTYLE_W"], x["WEIGHTS"])
+        ws = await self._mapped(model, x)
+        n = len(ws)
+        ids = x["STYLE_ID"][:, 0] if "STYLE_ID" in x else np.zeros(1, np.int64)
+        weights = x["WEIGHTS"] if "WEIGHTS" in x else model.default_weights[None]
+        for name, rows in (("STYLE_ID", ids), ("WEIGHTS", weights)):
+            if len(rows) not in (1, n):
+                raise InvalidArgument(f"input {name!r}: {len(rows)} rows for {n} latents (give 1 or {n})")
+        ex = model.exstyle_w[[model.style_id(int(i)) for i in ids]]
+        for row in weights:
+            model.check_weights(row, "input 'WEIGHTS'")
+        return model.pack(ws, ex, weights)
+
+    async def _stylize(self, model: LatentModel, request: pb.ModelInferRequest, images: np.ndarray,
                        deadline: float | None) -> pb.ModelInferResponse:
         """`<name>.stylize`: each encoded photo through the StyleService photo path, answered as PNG bytes."""
         from . import codecs, photo
 
         req = self._face_request(request)
+        style = self._style_request(request, model)
         outs = await asyncio.gather(*(photo.stylize_faces(
             self.repo, model, bytes(im), req, max_photo_size=self.limits.max_photo_size,
-            max_faces=self.limits.max_faces, pool=self.encode_pool, deadline=deadline) for im in images))
+            max_faces=self.limits.max_faces, pool=self.encode_pool, deadline=deadline, style=style)
+            for im in images))
         loop = asyncio.get_running_loop()
         pngs = await asyncio.gather(*(loop.run_in_executor(self.encode_pool, codecs.encode, r.image, "png")
                                       for r in outs))
@@ -389,7 +447,30 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgument(f"parameter 'psi' must be in [{lo}, {hi}], got {psi}")
         return photo.FaceRequest(select=select, composite=composite, psi=psi)
 
-    async def _mapped(self, model: StyleGAN2Model, x: dict[str, np.ndarray]) -> np.ndarray:
+    def _style_request(self, request: pb.ModelInferRequest, model: LatentModel) -> StyleRequest | None:
+        """dualstylegan `.stylize` parameters style_id (int64, or a name as string), weights ("w0,w1,..."),
+        preserve_color (bool) -> StyleRequest; None for other kinds (which reject these parameters)."""
+        params = request.parameters
+        given = [k for k in ("style_id", "weights", "preserve_color") if k in params]
+        if not isinstance(model, DualStyleGANModel):
+            if given:
+                raise InvalidArgument(f"parameters {given} apply to dualstylegan models only")
+            return None
+        style_id = None
+        if "style_id" in params:
+            p = params["style_id"]
+            by_name = p.WhichOneof("parameter_choice") == "string_param"
+            spec: int | str = p.string_param if by_name else int(p.int64_param)
+            style_id = model.style_id(spec)
+        weights = None
+        if "weights" in params:
+            weights = model.check_weights(parse_weights(params["weights"].string_param, "parameter 'weights'"),
+                                          "parameter 'weights'")
+        return StyleRequest(style_id=style_id, weights=weights,
+                            preserve_color=bool(params["preserve_color"].bool_param) if "preserve_color" in params
+                            else False)
+
+    async def _mapped(self, model: LatentModel, x: dict[str, np.ndarray]) -> np.ndarray:
         if ("SEED" in x) == ("Z" in x):
             raise InvalidArgument("give exactly one of the inputs 'SEED' or 'Z'")
         if "SEED" in x:

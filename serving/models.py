@@ -1,8 +1,9 @@
 """Loaded models: one version of one bundle, ready to run, with its own dynamic batcher.
 
-`LoadedModel` is the protocol-independent interface every front end (StyleService, later KServe v2) uses.
-The kinds of bundle are dispatched on manifest["kind"] through `MODEL_KINDS`; a kind this server cannot run is
-refused with a clear message.
+`LoadedModel` is the protocol-independent interface every front end (StyleService, KServe v2) uses; `LatentModel`
+is what the generator kinds share (mapping, truncation, the optional photo encoder), with `StyleGAN2Model` here and
+`serving.dualstyle_model.DualStyleGANModel`. The kinds of bundle are dispatched on manifest["kind"] through
+`MODEL_KINDS`; a kind this server cannot run is refused with a clear message.
 """
 
 from __future__ import annotations
@@ -123,36 +124,29 @@ class Lease:
             self.model._release()
 
 
-class StyleGAN2Model(LoadedModel):
-    """A StyleGAN2 bundle: mapping.onnx (z -> w, run per request) and synthesis (ws -> uint8, dynamically batched).
+class LatentModel(LoadedModel):
+    """What the generator-family bundles (stylegan2, dualstylegan) share: mapping.onnx (z -> w, run per request), the
+    latent geometry, the truncation rule and the optional photo encoder (encoder.onnx, dynamically batched).
 
-    `await map(z, psi, cutoff)` -> (w [N, w_dim], ws [N, num_ws, w_dim]) and
-    `await synthesize(ws, deadline)` -> img_u8 [N, R, R, 3] are the whole interface the front ends need; a bundle
-    with encoder.onnx adds `await encode(aligned_u8, deadline)` -> ws (dynamically batched too).
+    `await map_w(z)` / `await seeds_to_w(seeds)` -> untruncated w [N, w_dim]; `to_ws(w, psi, cutoff)` -> ws
+    truncated towards `trunc_origin` (stylegan2: w_avg; dualstylegan: 0); a bundle with encoder.onnx adds
+    `await encode(aligned_u8, deadline)` -> ws [N, num_ws, w_dim]. Subclasses add synthesis and `render_faces`.
     """
 
-    kind = "stylegan2"
-
-    def __init__(self, name: str, version: str, path: Path, manifest: dict, mapping: OrtMapping, synthesis,
-                 batch: BatchConfig, encoder: OrtEncoder | None = None):
+    def __init__(self, name: str, version: str, path: Path, manifest: dict, mapping: OrtMapping, batch: BatchConfig,
+                 encoder: OrtEncoder | None = None):
         super().__init__(name, version, path, manifest)
         self.encoder = encoder
         self.encoder_info: dict = dict(manifest.get("encoder") or {}) if encoder is not None else {}
         self.encoder_batcher: DynamicBatcher | None = None
-        self.latent_space = str(manifest["model"].get("latent_space") or "")
         m = manifest["model"]
+        self.latent_space = str(m.get("latent_space") or "")
         self.resolution = int(m["resolution"])
         self.z_dim, self.w_dim, self.num_ws = int(m["z_dim"]), int(m["w_dim"]), int(m["num_ws"])
         self.default_psi = float(m["default_psi"])
-        self.w_avg = np.asarray(m["w_avg"], dtype=np.float32)
+        self.trunc_origin = np.zeros(self.w_dim, dtype=np.float32)  # set by subclasses
         self.mapping = mapping
-        self.synthesis = synthesis
-        self.backend_name = synthesis.name
-        self.precision = getattr(synthesis, "precision", "fp32")
-        limit = getattr(synthesis, "max_batch", None)
-        self.max_batch = min(batch.max_batch, limit) if limit else batch.max_batch
         self.batch_cfg = batch
-        self.batcher: DynamicBatcher | None = None
         self.executor: Executor | None = None
 
     def info(self) -> dict[str, Any]:
@@ -166,33 +160,14 @@ class StyleGAN2Model(LoadedModel):
         """Side of the aligned crops the encoder takes (0 = no encoder)."""
         return int(self.encoder_info.get("input_size", 0))
 
-    # -- loading (blocking; runs in a loader thread) ----------------------------------------------------------
-
-    @classmethod
-    def load(cls, path: Path, manifest: dict, version: str, *, backend: str = "auto", threads: int = 0,
-             batch: BatchConfig | None = None, golden_check: bool = True,
-             probe: SystemProbe | None = None) -> "StyleGAN2Model":
-        problems = check_bundle_files(path, manifest)
-        if problems:
-            raise BundleRefused("; ".join(problems))
+    @staticmethod
+    def load_encoder(path: Path, manifest: dict, threads: int) -> OrtEncoder | None:
+        """encoder.onnx of the bundle (CUDA execution provider when available), or None."""
         graphs = manifest["graphs"]
-        try:
-            mapping = OrtMapping(path / graphs["mapping"]["file"], threads)
-            synthesis = create_synthesis(path, manifest, backend, threads, probe)
-            encoder = None
-            if "encoder" in graphs:
-                providers = [p for p in ("CUDAExecutionProvider",) if p in ort_available_providers()]
-                encoder = OrtEncoder(path / graphs["encoder"]["file"], providers + ["CPUExecutionProvider"], threads)
-        except ServingError:
-            raise
-        except Exception as exc:  # ORT refuses a graph, TensorRT forced but unusable, ...
-            raise BundleRefused(f"cannot load graphs: {exc}") from exc
-        model = cls(manifest["name"], version, path, manifest, mapping, synthesis, batch or BatchConfig(), encoder)
-        if golden_check:
-            model.check_golden()
-        if encoder is not None or model.latent_space:
-            model.warm_face_models()
-        return model
+        if "encoder" not in graphs:
+            return None
+        providers = [p for p in ("CUDAExecutionProvider",) if p in ort_available_providers()]
+        return OrtEncoder(path / graphs["encoder"]["file"], providers + ["CPUExecutionProvider"], threads)
 
     def warm_face_models(self) -> None:
         """Load dlib's face models now (once per process, ~1 s), not on the first Stylize request. Missing models
@@ -202,38 +177,6 @@ class StyleGAN2Model(LoadedModel):
             get_aligner()
         except FaceModelsError as exc:
             log(logger, logging.WARNING, "face models unavailable: Stylize disabled", model=self.name, error=str(exc))
-
-    def check_golden(self) -> None:
-        """Run golden.npz through mapping and synthesis; raise BundleRefused outside the tolerances."""
-        gold = self.manifest.get("golden")
-        if not gold:
-            raise BundleRefused("the manifest lists no golden outputs (golden.npz); refusing an unchecked bundle")
-        try:
-            with np.load(self.path / gold.get("file", GOLDEN_NAME), allow_pickle=False) as g:
-                ref = {k: g[k] for k in ("z", "psi", "w", "ws", "img_u8")}
-        except (OSError, KeyError, ValueError) as exc:
-            raise BundleRefused(f"golden.npz unreadable: {exc}") from exc
-        w = self.mapping(ref["z"].astype(np.float32))
-        err_w = float(np.abs(w - ref["w"]).max())
-        ws = np.stack([L.truncate(L.broadcast(w[i: i + 1], self.num_ws), self.w_avg, float(p))[0]
-                       for i, p in enumerate(ref["psi"])])
-        err_ws = float(np.abs(ws - ref["ws"]).max())
-        if not (err_w <= MAPPING_TOLERANCE and err_ws <= MAPPING_TOLERANCE):
-            raise BundleRefused(f"golden check failed: mapping max |w - golden| = {err_w:.3g}, "
-                                f"|ws - golden| = {err_ws:.3g} (tolerance {MAPPING_TOLERANCE})")
-        img = self.synthesis(ref["ws"].astype(np.float32))
-        if img.shape != ref["img_u8"].shape:
-            raise BundleRefused(f"golden check failed: synthesis output {img.shape}, golden {ref['img_u8'].shape}")
-        diff = np.abs(img.astype(np.int16) - ref["img_u8"].astype(np.int16))
-        frac = float((diff > 0).mean())
-        max_diff, max_frac = U8_TOLERANCE.get(self.precision, U8_TOLERANCE["fp16"])
-        if int(diff.max()) > max_diff or frac > max_frac:
-            raise BundleRefused(f"golden check failed: synthesis differs from golden by up to {int(diff.max())} "
-                                f"levels in {frac:.2%} of values (tolerance {max_diff} / {max_frac:.0%})")
-        err_enc = self._check_golden_encoder() if self.encoder is not None else None
-        log(logger, logging.INFO, "golden check passed", model=self.name, version=self.version,
-            mapping_max_abs=err_w, synthesis_max_diff=int(diff.max()), synthesis_frac_diff=frac,
-            encoder_max_abs=err_enc)
 
     def _check_golden_encoder(self) -> float:
         """The encoder on golden aligned crops against the PyTorch ws; raise BundleRefused beyond the tolerance."""
@@ -255,15 +198,9 @@ class StyleGAN2Model(LoadedModel):
 
     # -- serving ----------------------------------------------------------------------------------------------
 
-    async def start(self, executor: Executor | None, metrics: Metrics | None) -> None:
-        await super().start(executor, metrics)
-        self.executor = executor
-        b = self.batch_cfg
-        self.batcher = DynamicBatcher(self.name, self.synthesis, max_batch=self.max_batch,
-                                      max_queue_delay_s=b.max_queue_delay_ms / 1000, max_queue=b.max_queue,
-                                      executor=executor, metrics=metrics)
-        self.batcher.start()
+    def start_encoder(self, executor: Executor | None, metrics: Metrics | None) -> None:
         if self.encoder is not None:
+            b = self.batch_cfg
             self.encoder_batcher = DynamicBatcher(f"{self.name}.encoder", self.encoder, max_batch=b.max_batch,
                                                   max_queue_delay_s=b.max_queue_delay_ms / 1000,
                                                   max_queue=b.max_queue, executor=executor, metrics=metrics)
@@ -309,14 +246,113 @@ class StyleGAN2Model(LoadedModel):
         return await loop.run_in_executor(self.executor, lambda: self.mapping(L.seeds_to_z(seeds, self.z_dim)))
 
     def to_ws(self, w: np.ndarray, psi: float | None = None, cutoff: int | None = None) -> np.ndarray:
-        """w [N, w_dim] or ws [N, num_ws, w_dim] -> truncated ws (numpy; psi None = default_psi)."""
+        """w [N, w_dim] or ws [N, num_ws, w_dim] -> ws truncated towards trunc_origin (numpy; psi None =
+        default_psi)."""
         self.check_cutoff(cutoff)
-        return L.truncate(L.broadcast(w, self.num_ws), self.w_avg, self.psi_or_default(psi), cutoff)
+        return L.truncate(L.broadcast(w, self.num_ws), self.trunc_origin, self.psi_or_default(psi), cutoff)
 
     def _check_ws(self, ws: np.ndarray) -> np.ndarray:
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
             raise InvalidArgument(f"ws must be [N, {self.num_ws}, {self.w_dim}], got {list(ws.shape)}")
         return np.ascontiguousarray(ws, dtype=np.float32)
+
+    async def _close_runners(self, batchers: list, runners: list) -> None:
+        for batcher in batchers:
+            if batcher is not None:
+                await batcher.close()
+        for runner in runners:
+            if runner is None:
+                continue
+            try:
+                runner.close()
+            except Exception as exc:  # never let a failing close stop an unload
+                log(logger, logging.WARNING, "close failed", model=self.name, error=repr(exc))
+        log(logger, logging.INFO, "model unloaded", model=self.name, version=self.version)
+
+
+class StyleGAN2Model(LatentModel):
+    """A StyleGAN2 bundle: mapping.onnx (z -> w, run per request) and synthesis (ws -> uint8, dynamically batched).
+
+    `await map(z, psi, cutoff)` -> (w [N, w_dim], ws [N, num_ws, w_dim]) and
+    `await synthesize(ws, deadline)` -> img_u8 [N, R, R, 3] are the whole interface the front ends need; a bundle
+    with encoder.onnx adds `await encode(aligned_u8, deadline)` -> ws (dynamically batched too).
+    """
+
+    kind = "stylegan2"
+
+    def __init__(self, name: str, version: str, path: Path, manifest: dict, mapping: OrtMapping, synthesis,
+                 batch: BatchConfig, encoder: OrtEncoder | None = None):
+        super().__init__(name, version, path, manifest, mapping, batch, encoder)
+        self.w_avg = np.asarray(manifest["model"]["w_avg"], dtype=np.float32)
+        self.trunc_origin = self.w_avg
+        self.synthesis = synthesis
+        self.backend_name = synthesis.name
+        self.precision = getattr(synthesis, "precision", "fp32")
+        limit = getattr(synthesis, "max_batch", None)
+        self.max_batch = min(batch.max_batch, limit) if limit else batch.max_batch
+        self.batcher: DynamicBatcher | None = None
+
+    # -- loading (blocking; runs in a loader thread) ----------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: Path, manifest: dict, version: str, *, backend: str = "auto", threads: int = 0,
+             batch: BatchConfig | None = None, golden_check: bool = True,
+             probe: SystemProbe | None = None) -> "StyleGAN2Model":
+        problems = check_bundle_files(path, manifest)
+        if problems:
+            raise BundleRefused("; ".join(problems))
+        graphs = manifest["graphs"]
+        try:
+            mapping = OrtMapping(path / graphs["mapping"]["file"], threads)
+            synthesis = create_synthesis(path, manifest, backend, threads, probe)
+            encoder = cls.load_encoder(path, manifest, threads)
+        except ServingError:
+            raise
+        except Exception as exc:  # ORT refuses a graph, TensorRT forced but unusable, ...
+            raise BundleRefused(f"cannot load graphs: {exc}") from exc
+        model = cls(manifest["name"], version, path, manifest, mapping, synthesis, batch or BatchConfig(), encoder)
+        if golden_check:
+            model.check_golden()
+        if encoder is not None or model.latent_space:
+            model.warm_face_models()
+        return model
+
+    def check_golden(self) -> None:
+        """Run golden.npz through mapping and synthesis; raise BundleRefused outside the tolerances."""
+        gold = self.manifest.get("golden")
+        if not gold:
+            raise BundleRefused("the manifest lists no golden outputs (golden.npz); refusing an unchecked bundle")
+        try:
+            with np.load(self.path / gold.get("file", GOLDEN_NAME), allow_pickle=False) as g:
+                ref = {k: g[k] for k in ("z", "psi", "w", "ws", "img_u8")}
+        except (OSError, KeyError, ValueError) as exc:
+            raise BundleRefused(f"golden.npz unreadable: {exc}") from exc
+        w = self.mapping(ref["z"].astype(np.float32))
+        err_w = float(np.abs(w - ref["w"]).max())
+        ws = np.stack([L.truncate(L.broadcast(w[i: i + 1], self.num_ws), self.w_avg, float(p))[0]
+                       for i, p in enumerate(ref["psi"])])
+        err_ws = float(np.abs(ws - ref["ws"]).max())
+        if not (err_w <= MAPPING_TOLERANCE and err_ws <= MAPPING_TOLERANCE):
+            raise BundleRefused(f"golden check failed: mapping max |w - golden| = {err_w:.3g}, "
+                                f"|ws - golden| = {err_ws:.3g} (tolerance {MAPPING_TOLERANCE})")
+        img = self.synthesis(ref["ws"].astype(np.float32))
+        max_diff, frac = check_u8_golden(img, ref["img_u8"], self.precision)
+        err_enc = self._check_golden_encoder() if self.encoder is not None else None
+        log(logger, logging.INFO, "golden check passed", model=self.name, version=self.version,
+            mapping_max_abs=err_w, synthesis_max_diff=max_diff, synthesis_frac_diff=frac,
+            encoder_max_abs=err_enc)
+
+    # -- serving ----------------------------------------------------------------------------------------------
+
+    async def start(self, executor: Executor | None, metrics: Metrics | None) -> None:
+        await super().start(executor, metrics)
+        self.executor = executor
+        b = self.batch_cfg
+        self.batcher = DynamicBatcher(self.name, self.synthesis, max_batch=self.max_batch,
+                                      max_queue_delay_s=b.max_queue_delay_ms / 1000, max_queue=b.max_queue,
+                                      executor=executor, metrics=metrics)
+        self.batcher.start()
+        self.start_encoder(executor, metrics)
 
     async def synthesize(self, ws: np.ndarray, deadline: float | None = None,
                          stats: dict[str, float] | None = None) -> np.ndarray:
@@ -332,23 +368,40 @@ class StyleGAN2Model(LoadedModel):
             stats["queue_s"] = queue_s
         return out
 
+    async def render_faces(self, ws: np.ndarray, psi: float | None, deadline: float | None,
+                           stats: dict[str, float], style=None, exemplar_ws: np.ndarray | None = None) -> np.ndarray:
+        """Encoded faces ws [F, num_ws, w_dim] (untruncated) -> crops img_u8 [F, R, R, 3]: psi (None = 1, none)
+        pulls towards w_avg, then the batched synthesis. `style` / `exemplar_ws` must be None (dualstylegan only)."""
+        if style is not None or exemplar_ws is not None:
+            raise InvalidArgument(f"model {self.name!r} is a stylegan2 model: dualstyle options do not apply")
+        if psi is not None:
+            ws = L.truncate(ws, self.w_avg, psi, None)
+        return await self.synthesize(ws, deadline, stats)
+
     def enqueue(self, ws: np.ndarray, deadline: float | None = None) -> list[BatchItem]:
         """Queue rows without waiting (streams): await each item's future, cancel it to drop the row."""
         assert self.batcher is not None, "model not started"
         return self.batcher.enqueue(self._check_ws(ws), deadline)
 
     async def close(self) -> None:
-        for batcher in (self.batcher, self.encoder_batcher):
-            if batcher is not None:
-                await batcher.close()
-        for runner in (self.synthesis, self.mapping, self.encoder):
-            if runner is None:
-                continue
-            try:
-                runner.close()
-            except Exception as exc:  # never let a failing close stop an unload
-                log(logger, logging.WARNING, "close failed", model=self.name, error=repr(exc))
-        log(logger, logging.INFO, "model unloaded", model=self.name, version=self.version)
+        await self._close_runners([self.batcher, self.encoder_batcher], [self.synthesis, self.mapping, self.encoder])
+
+
+def check_u8_golden(img: np.ndarray, ref: np.ndarray, precision: str) -> tuple[int, float]:
+    """A synthesis output img_u8 against its golden uint8 image; BundleRefused outside U8_TOLERANCE.
+
+    Returns:
+        (max level difference, fraction of values that differ).
+    """
+    if img.shape != ref.shape:
+        raise BundleRefused(f"golden check failed: synthesis output {img.shape}, golden {ref.shape}")
+    diff = np.abs(img.astype(np.int16) - ref.astype(np.int16))
+    frac = float((diff > 0).mean())
+    max_diff, max_frac = U8_TOLERANCE.get(precision, U8_TOLERANCE["fp16"])
+    if int(diff.max()) > max_diff or frac > max_frac:
+        raise BundleRefused(f"golden check failed: synthesis differs from golden by up to {int(diff.max())} "
+                            f"levels in {frac:.2%} of values (tolerance {max_diff} / {max_frac:.0%})")
+    return int(diff.max()), frac
 
 
 def _unsupported(kind: str) -> Callable[..., LoadedModel]:
@@ -363,11 +416,16 @@ def _load_fast_style(*args, **kwargs) -> LoadedModel:
     return FastStyleModel.load(*args, **kwargs)
 
 
+def _load_dualstylegan(*args, **kwargs) -> LoadedModel:
+    from .dualstyle_model import DualStyleGANModel  # imports this module: import it at call time
+    return DualStyleGANModel.load(*args, **kwargs)
+
+
 # manifest["kind"] -> loader(path, manifest, version, **options); None marks a kind still to come.
 MODEL_KINDS: dict[str, Callable[..., LoadedModel] | None] = {
     "stylegan2": StyleGAN2Model.load,
     "fast_style": _load_fast_style,
-    "dualstylegan": None,
+    "dualstylegan": _load_dualstylegan,
 }
 
 

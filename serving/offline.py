@@ -1,7 +1,9 @@
-"""Render seeds from a bundle in-process, without a server: exactly the server's pipeline (ONNX Runtime mapping,
-numpy truncation, synthesis, the same encoder), so the bytes equal what Generate returns for the same settings.
+"""Render from a bundle in-process, without a server: exactly the server's pipeline (ONNX Runtime mapping, numpy
+truncation, synthesis, the same encoder), so the bytes equal what Generate / Stylize return for the same settings.
 
-Used by `stylecast generate` when --checkpoint is a bundle directory, and by the server-overhead benchmark.
+`BundleRenderer` (seeds of a stylegan2 bundle) is used by `stylecast generate` when --checkpoint is a bundle
+directory and by the server-overhead benchmark; `BundleStylizer` (aligned face photos through a dualstylegan or
+stylegan2 bundle with an encoder) by `stylecast stylize` when --model is a bundle directory.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from protos.manifest import MANIFEST_NAME, load_manifest
 
 from . import codecs
 from . import latents as L
-from .models import StyleGAN2Model
+from .models import LatentModel, StyleGAN2Model, loader_for
 
 
 class BundleRenderer:
@@ -53,3 +55,80 @@ class BundleRenderer:
 
 def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def _load(bundle: Path, threads: int, golden_check: bool) -> LatentModel:
+    manifest = load_manifest(bundle)
+    if manifest["kind"] not in ("stylegan2", "dualstylegan"):
+        raise ValueError(f"{bundle}: a {manifest['kind']!r} bundle, not a stylegan2 or dualstylegan generator")
+    version = hashlib.sha256((bundle / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
+    return loader_for(manifest["kind"])(bundle, manifest, version, backend="onnxruntime", threads=threads,
+                                        golden_check=golden_check)
+
+
+class BundleStylizer:
+    """A golden-checked stylegan2 / dualstylegan bundle and the encoder serving it (its own encoder.onnx, or that of
+    `encoder_bundle`, which must declare the same latent space), run through the server's photo-path steps (encoder
+    batcher, `render_faces`, `serving.photo.composite`) on a private event loop. Blocking calls; close() when done.
+    """
+
+    def __init__(self, bundle: str | Path, encoder_bundle: str | Path | None = None, threads: int = 0,
+                 golden_check: bool = True):
+        import asyncio
+
+        self.model = _load(Path(bundle), threads, golden_check)
+        self.encoder_model = self.model
+        if encoder_bundle is not None:
+            enc = _load(Path(encoder_bundle), threads, golden_check)
+            self.encoder_model = enc
+            if enc.encoder is None:
+                raise ValueError(f"{encoder_bundle}: the bundle has no encoder")
+            if (enc.latent_space != self.model.latent_space or not self.model.latent_space
+                    or (enc.num_ws, enc.w_dim) != (self.model.num_ws, self.model.w_dim)):
+                raise ValueError(f"{encoder_bundle}: its encoder serves latent space {enc.latent_space!r}, the model "
+                                 f"{Path(bundle)} takes {self.model.latent_space or '(none declared)'!r}")
+        elif self.model.encoder is None:
+            raise ValueError(f"{bundle}: the bundle has no encoder.onnx; give a bundle with an encoder for its latent "
+                             f"space {self.model.latent_space!r}" if self.model.latent_space else
+                             f"{bundle}: the bundle has no encoder.onnx and declares no latent space")
+        self.loop = asyncio.new_event_loop()
+        self.run(self.model.start(None, None))
+        if self.encoder_model is not self.model:
+            self.run(self.encoder_model.start(None, None))
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    @property
+    def encoder_size(self) -> int:
+        """Side of the aligned crops the encoder takes."""
+        return self.encoder_model.encoder_size
+
+    def encode(self, aligned_u8: np.ndarray) -> np.ndarray:
+        """Aligned faces img_u8 [F, S, S, 3] -> untruncated ws [F, num_ws, w_dim]."""
+        return self.run(self.encoder_model.encode(np.ascontiguousarray(aligned_u8)))
+
+    def stylize(self, photo_u8: np.ndarray, aligned: list, psi: float | None = None, style=None,
+                exemplar_ws: np.ndarray | None = None, composite: str = "paste",
+                feather: float = 0.08) -> tuple[np.ndarray, np.ndarray]:
+        """Aligned faces of a photo (stylecast.faces.AlignedFace at encoder_size) -> (the photo with the stylized
+        faces pasted back, or the first crop; every crop [F, R, R, 3]).
+
+        Args:
+            psi: None = the bundle's rule (stylegan2: none; dualstylegan: default_psi towards 0).
+            style: a serving.dualstyle_model.StyleRequest (dualstylegan bundles; None = style 0, default weights).
+            exemplar_ws: the encoded exemplar [1, num_ws, w_dim] when style.image is set.
+        """
+        from . import photo
+
+        ws = self.encode(np.stack([a.img_u8 for a in aligned]))
+        crops = self.run(self.model.render_faces(ws, psi, None, {}, style=style, exemplar_ws=exemplar_ws))
+        if composite == "crop":
+            return crops[0], crops
+        req = photo.FaceRequest(composite="paste", feather=feather)
+        return photo.composite(photo_u8, aligned, crops, req), crops
+
+    def close(self) -> None:
+        for m in {id(self.model): self.model, id(self.encoder_model): self.encoder_model}.values():
+            self.run(m.close())
+        self.loop.close()

@@ -1,9 +1,13 @@
-"""Face photos for StyleGAN2-family bundles: decode -> detect + FFHQ-align (dlib) -> encode to W+ -> render ->
-paste back (Richardson et al., "Encoding in Style: a StyleGAN Encoder for Image-to-Image Translation", CVPR 2021,
-as the serving path of a face stylizer).
+"""Face photos for the generator-family bundles (stylegan2, dualstylegan): decode -> detect + FFHQ-align (dlib) ->
+encode to W+ -> render -> paste back (Richardson et al., "Encoding in Style: a StyleGAN Encoder for Image-to-Image
+Translation", CVPR 2021, as the serving path of a face stylizer; for DualStyleGAN, Yang et al., CVPR 2022, the
+rendering takes an extrinsic style, possibly an exemplar photo encoded by the same path).
 
-The blocking steps (`decode`, `find_faces`, `composite`) run in the server's encode thread pool; the encoder and the
-synthesis run through their models' dynamic batchers. `stylecast.faces` does the geometry (torch-free).
+One path for both kinds: everything up to the encoded W+ codes is shared, and the last step is the model's own
+`render_faces(ws, psi, deadline, stats, style, exemplar_ws)` (stylegan2: psi towards w_avg, synthesis; dualstylegan:
+psi towards 0, the extrinsic style, dualstyle synthesis). The blocking steps (`decode`, `find_faces`, `composite`)
+run in the server's encode thread pool; the encoder and the synthesis run through their models' dynamic batchers.
+`stylecast.faces` does the geometry (torch-free).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import numpy as np
 from protos.stylecast.v1 import style_pb2 as pb
 from stylecast import faces as F
 
-from . import latents as L
 from .errors import InvalidArgument, ServingError
 from .fast_style_model import decode_image
 
@@ -70,14 +73,15 @@ def aligner() -> F.FaceAligner:
         raise ServingError(f"face alignment unavailable on this server: {exc}", code="FAILED_PRECONDITION") from None
 
 
-def find_faces(img_u8: np.ndarray, req: FaceRequest, size: int, max_faces: int) -> list[F.AlignedFace]:
+def find_faces(img_u8: np.ndarray, req: FaceRequest, size: int, max_faces: int,
+               what: str = "the photo") -> list[F.AlignedFace]:
     """Detect, choose and align faces (largest first) at `size` px. Blocking.
 
     Raises:
         ServingError FAILED_PRECONDITION: no face (or no face with that index) in the photo.
     """
     try:
-        chosen = aligner().select(img_u8, req.select, what="the photo")
+        chosen = aligner().select(img_u8, req.select, what=what)
         return [F.align_face(img_u8, face, size) for face in chosen[:max_faces]]
     except F.NoFaceError as exc:
         raise ServingError(str(exc), code="FAILED_PRECONDITION") from None
@@ -111,23 +115,54 @@ class FaceResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+async def encode_style_image(enc, image: bytes, *, max_photo_size: int, pool: Executor | None,
+                             deadline: float | None) -> np.ndarray:
+    """An exemplar portrait (dualstylegan style_image) -> its W+ code [1, num_ws, w_dim] float32 (untruncated): decode,
+    FFHQ-align the largest face at the encoder's size, encode with `enc` (a model with an encoder).
+
+    Raises:
+        InvalidArgument: undecodable / oversized image. ServingError FAILED_PRECONDITION: no face in it.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        img = await loop.run_in_executor(pool, decode_image, image, max_photo_size)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"style_image: {exc.message}") from None
+    aligned = await loop.run_in_executor(pool, find_faces, img, FaceRequest(), enc.encoder_size, 1, "the style image")
+    return await enc.encode(aligned[0].img_u8[None], deadline)
+
+
 async def stylize_faces(repo, model, image: bytes, req: FaceRequest, *, max_photo_size: int, max_faces: int,
-                        pool: Executor | None, deadline: float | None) -> FaceResult:
-    """The whole photo path for a stylegan2 model: decode, align (encode pool), encode with the encoder serving the
-    model's latent space, optional psi towards w_avg, synthesize, composite (encode pool)."""
+                        pool: Executor | None, deadline: float | None, style=None) -> FaceResult:
+    """The whole photo path for a generator-family model: decode, align (encode pool), encode with the encoder serving
+    the model's latent space, render (`model.render_faces`: psi and, for dualstylegan, the extrinsic `style`, a
+    serving.dualstyle_model.StyleRequest; its exemplar image is encoded concurrently with the photo), composite
+    (encode pool)."""
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     stats: dict[str, float] = {}
+    exemplar_ws = None
     with repo.encoder_for(model) as enc:
-        img = await loop.run_in_executor(pool, decode_image, image, max_photo_size)
-        t1 = time.perf_counter()
-        aligned = await loop.run_in_executor(pool, find_faces, img, req, enc.encoder_size, max_faces)
-        t2 = time.perf_counter()
-        ws = await enc.encode(np.stack([a.img_u8 for a in aligned]), deadline, stats)
-    if req.psi is not None:
-        ws = L.truncate(ws, model.w_avg, req.psi, None)
+        exemplar = None
+        if style is not None and getattr(style, "image", None) is not None:
+            exemplar = asyncio.ensure_future(encode_style_image(enc, style.image, max_photo_size=max_photo_size,
+                                                                pool=pool, deadline=deadline))
+        try:
+            img = await loop.run_in_executor(pool, decode_image, image, max_photo_size)
+            t1 = time.perf_counter()
+            aligned = await loop.run_in_executor(pool, find_faces, img, req, enc.encoder_size, max_faces)
+            t2 = time.perf_counter()
+            ws = await enc.encode(np.stack([a.img_u8 for a in aligned]), deadline, stats)
+            if exemplar is not None:
+                exemplar_ws = await exemplar
+        finally:
+            if exemplar is not None:
+                if not exemplar.done():
+                    exemplar.cancel()
+                elif not exemplar.cancelled():
+                    exemplar.exception()  # retrieved: the photo's own error is the one reported
     t3 = time.perf_counter()
-    crops = await model.synthesize(ws, deadline, stats)  # [F, R, R, 3]
+    crops = await model.render_faces(ws, req.psi, deadline, stats, style=style, exemplar_ws=exemplar_ws)  # [F, R, R, 3]
     t4 = time.perf_counter()
     if req.composite == "paste":
         out = await loop.run_in_executor(pool, composite, img, aligned, crops, req)

@@ -1,4 +1,5 @@
-"""stylecast.v1.StyleService: ListModels, GetModel, Generate (unary) and GenerateStream (server streaming).
+"""stylecast.v1.StyleService: ListModels, GetModel, ListStyles, Generate (unary), GenerateStream (server streaming),
+Stylize and StylizeStream, over stylegan2, dualstylegan and fast_style models.
 
 Requests are validated completely before any work starts; every RPC is counted, timed and logged with its
 request id (the client's `x-request-id` metadata, or a fresh one, returned in the trailing metadata).
@@ -32,8 +33,9 @@ from .config import Limits
 from .errors import InvalidArgument, ModelNotFound, QueueFull, ServingError
 from .logs import log
 from .metrics import Metrics
+from .dualstyle_model import DualStyleGANModel, StyleRequest
 from .fast_style_model import FastStyleModel
-from .models import StyleGAN2Model
+from .models import LatentModel, StyleGAN2Model
 from .repository import ModelRepository, ModelStatus, State
 
 logger = logging.getLogger("serving.access")
@@ -134,7 +136,8 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
                             max_batch=i.get("max_batch", 0), description=i.get("description", ""),
                             bundle=s.bundle, max_image_size=i.get("max_size", 0),
                             has_encoder=bool(i.get("has_encoder", False)), latent_space=i.get("latent_space", ""),
-                            encoder_model=self._encoder_name(s))
+                            encoder_model=self._encoder_name(s), style_count=i.get("style_count", 0),
+                            res_index=i.get("res_index", 0), default_weights=i.get("default_weights", []))
 
     def _encoder_name(self, s: ModelStatus) -> str:
         """The model whose encoder Stylize would use for this model ("" = none, or not a face model)."""
@@ -162,6 +165,18 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
             return self._model_info(s)
         return await self._call("GetModel", request.name, context, run)
 
+    async def ListStyles(self, request: pb.ListStylesRequest, context) -> pb.ListStylesResponse:
+        async def run(context, rid, extra):
+            with self.repo.acquire(request.model) as model:
+                if not isinstance(model, DualStyleGANModel):
+                    raise InvalidArgument(f"model {model.name!r} is a {model.kind!r} model; only dualstylegan models "
+                                          "have a style library")
+                return pb.ListStylesResponse(
+                    model=model.name, model_version=model.version, num_ws=model.num_ws, res_index=model.res_index,
+                    styles=[pb.StyleInfo(id=i, name=n) for i, n in enumerate(model.style_names)],
+                    default_weights=[float(v) for v in model.default_weights])
+        return await self._call("ListStyles", request.model, context, run)
+
     # -- validation ---------------------------------------------------------------------------------------------
 
     def _psi(self, msg, field: str = "psi") -> float | None:
@@ -173,14 +188,14 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
             raise InvalidArgument(f"psi must be a finite number in [{lo}, {hi}], got {psi}")
         return psi
 
-    def _cutoff(self, msg, model: StyleGAN2Model) -> int | None:
+    def _cutoff(self, msg, model: LatentModel) -> int | None:
         if not msg.HasField("truncation_cutoff"):
             return None
         cutoff = int(msg.truncation_cutoff)
         model.check_cutoff(cutoff)
         return cutoff
 
-    def _output(self, opts: cpb.OutputOptions, model: StyleGAN2Model) -> Output:
+    def _output(self, opts: cpb.OutputOptions, model: LatentModel) -> Output:
         fmt = FORMATS.get(opts.format)
         if fmt is None:
             raise InvalidArgument(f"unknown image format {opts.format}")
@@ -195,7 +210,7 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
             raise InvalidArgument(f"output size {size[0]}x{size[1]} exceeds the limit of {mx}x{mx}")
         return Output(fmt, quality, size)
 
-    def _latents(self, msg: cpb.Latents, model: StyleGAN2Model, what: str, max_rows: int) -> Batch:
+    def _latents(self, msg: cpb.Latents, model: LatentModel, what: str, max_rows: int) -> Batch:
         space = msg.WhichOneof("space")
         if space is None:
             raise InvalidArgument(f"{what}: give seeds, z, w or ws")
@@ -217,13 +232,53 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
                 raise InvalidArgument(f"{what}: seed {s} out of range 0..{L.MAX_SEED}")
         return Batch("z", None, seeds)
 
-    def _model(self, lease_model) -> StyleGAN2Model:
-        if not isinstance(lease_model, StyleGAN2Model):
+    def _model(self, lease_model) -> LatentModel:
+        if not isinstance(lease_model, (StyleGAN2Model, DualStyleGANModel)):
             raise InvalidArgument(f"model {lease_model.name!r} is a {lease_model.kind!r} model; this RPC needs a "
-                                  "stylegan2 model")
+                                  "stylegan2 or dualstylegan model")
         return lease_model
 
-    async def _to_ws(self, model: StyleGAN2Model, batch: Batch, psi: float | None, cutoff: int | None) -> np.ndarray:
+    def _dualstyle(self, request, model) -> StyleRequest | None:
+        """request.dualstyle -> a validated StyleRequest for a dualstylegan model (unset = style 0, default weights);
+        None for other kinds, for which setting it is INVALID_ARGUMENT. An exemplar needs an encoder for the model
+        (FAILED_PRECONDITION otherwise), checked here, before any work."""
+        has = request.HasField("dualstyle")
+        if not isinstance(model, DualStyleGANModel):
+            if has:
+                raise InvalidArgument(f"dualstyle: model {model.name!r} is a {model.kind!r} model; dualstyle options "
+                                      "apply to dualstylegan models only")
+            return None
+        if not has:
+            return StyleRequest()
+        msg = request.dualstyle
+        which = msg.WhichOneof("style")
+        kw: dict[str, Any] = {}
+        if which == "style_id":
+            kw["style_id"] = model.style_id(int(msg.style_id))
+        elif which == "style_name":
+            kw["style_id"] = model.style_id(msg.style_name)
+        elif which == "style_image":
+            if not msg.style_image:
+                raise InvalidArgument("dualstyle.style_image: empty; send PNG, JPEG or WebP bytes")
+            self.repo.encoder_for(model).release()
+            kw["image"] = bytes(msg.style_image)
+        elif which in ("exstyle_z", "exstyle_w"):
+            t = getattr(msg, which)
+            dim = model.z_dim if which == "exstyle_z" else model.w_dim
+            kw[which] = model.check_code(L.tensor(t.shape, t.values, f"dualstyle.{which}", (None, model.num_ws, dim),
+                                                  1), dim, f"dualstyle.{which}")
+        weights = model.check_weights(list(msg.weights), "dualstyle.weights")
+        return StyleRequest(weights=weights, preserve_color=bool(msg.preserve_color), **kw)
+
+    async def _exemplar(self, model: DualStyleGANModel, style: StyleRequest, deadline: float | None):
+        """The encoded exemplar [1, num_ws, w_dim] of style.image (None without one)."""
+        if style.image is None:
+            return None
+        with self.repo.encoder_for(model) as enc:
+            return await photo.encode_style_image(enc, style.image, max_photo_size=self.limits.max_photo_size,
+                                                  pool=self.encode_pool, deadline=deadline)
+
+    async def _to_ws(self, model: LatentModel, batch: Batch, psi: float | None, cutoff: int | None) -> np.ndarray:
         if batch.values is None:
             return model.to_ws(await model.seeds_to_w(batch.seeds), psi, cutoff)
         if batch.space == "z":
@@ -268,18 +323,33 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
                     raise InvalidArgument(f"mixing.fine: {len(fine)} latents; give 1 or {n} (one per latent)")
                 if not 0 <= mixing.crossover <= model.num_ws:
                     raise InvalidArgument(f"mixing.crossover {mixing.crossover} out of range 0..{model.num_ws}")
+            style_req = self._dualstyle(request, model)
             extra.update(rows=n, version=model.version)
             # Work starts here: mapping, then the batched synthesis, then encoding in the thread pool.
             deadline = self._deadline(context)
-            ws = await self._to_ws(model, batch, psi, cutoff)
-            if fine is not None:
-                ws_fine = await self._to_ws(model, fine, psi, cutoff)
-                if len(ws_fine) == 1 and n > 1:
-                    ws_fine = np.repeat(ws_fine, n, axis=0)
-                ws = L.mix(ws, ws_fine, int(request.mixing.crossover))
-            t1 = time.perf_counter()
             stats: dict[str, float] = {}
-            imgs = await model.synthesize(ws, deadline, stats)
+            if style_req is not None:
+                # dualstylegan: untruncated codes first (preserve_color reads them), then psi towards 0.
+                ws_u = await self._to_ws(model, batch, 1.0, None)
+                if fine is not None:
+                    ws_fine = await self._to_ws(model, fine, 1.0, None)
+                    if len(ws_fine) == 1 and n > 1:
+                        ws_fine = np.repeat(ws_fine, n, axis=0)
+                    ws_u = L.mix(ws_u, ws_fine, int(request.mixing.crossover))
+                ws = model.to_ws(ws_u, psi, cutoff)
+                style = await model.resolve_style(style_req, await self._exemplar(model, style_req, deadline))
+                extra["style_id"] = style.style_id
+                t1 = time.perf_counter()
+                imgs = await model.synthesize(ws, style, ws_u, deadline, stats)
+            else:
+                ws = await self._to_ws(model, batch, psi, cutoff)
+                if fine is not None:
+                    ws_fine = await self._to_ws(model, fine, psi, cutoff)
+                    if len(ws_fine) == 1 and n > 1:
+                        ws_fine = np.repeat(ws_fine, n, axis=0)
+                    ws = L.mix(ws, ws_fine, int(request.mixing.crossover))
+                t1 = time.perf_counter()
+                imgs = await model.synthesize(ws, deadline, stats)
             t2 = time.perf_counter()
             data = await self._encode(imgs, out)
             t3 = time.perf_counter()
@@ -334,10 +404,21 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
                 extra["mode"] = mode
             else:
                 raise InvalidArgument("give seeds or an interpolation")
+            style_req = self._dualstyle(request, model)
             total = len(batch)
             extra.update(frames=total, version=model.version)
             await context.send_initial_metadata((("x-request-id", rid),))
             deadline = self._deadline(context)
+            style = None
+            if style_req is not None:
+                style = await model.resolve_style(style_req, await self._exemplar(model, style_req, deadline))
+
+            async def enqueue(rows: Batch) -> list:
+                if style is None:
+                    return model.enqueue(await self._to_ws(model, rows, psi, cutoff), deadline)
+                ws_u = await self._to_ws(model, rows, 1.0, None)
+                return model.enqueue_rows(model.style_rows(model.to_ws(ws_u, psi, cutoff), style, ws_u), deadline)
+
             window = self.repo.batch.stream_window or 2 * model.max_batch
             pending: collections.deque = collections.deque()  # (frame index, BatchItem) in frame order
             queued = sent = 0
@@ -348,9 +429,8 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
                     # Keep up to `window` rows of this stream queued; the batcher mixes them with other requests.
                     while queued < total and len(pending) < window:
                         k = min(window - len(pending), total - queued)
-                        ws = await self._to_ws(model, batch.rows(queued, queued + k), psi, cutoff)
                         try:
-                            items = model.enqueue(ws, deadline)
+                            items = await enqueue(batch.rows(queued, queued + k))
                         except QueueFull:
                             if pending:
                                 break  # the rows already queued will make room
@@ -371,15 +451,15 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
                 cancel_items([it for _, it in pending])
                 extra["sent"] = sent
 
-    # -- Stylize / StylizeStream (fast_style models) --------------------------------------------------------------
+    # -- Stylize / StylizeStream (fast_style, stylegan2 and dualstylegan models) -----------------------------------
 
     def _stylizer(self, leased):
         """The leased model if it can stylize photos (a fast_style model, or a face model with an encoder for its
         latent space); else FAILED_PRECONDITION, which ends a StylizeStream before any frame."""
-        if not isinstance(leased, (FastStyleModel, StyleGAN2Model)):
+        if not isinstance(leased, (FastStyleModel, StyleGAN2Model, DualStyleGANModel)):
             raise ServingError(f"model {leased.name!r} is a {leased.kind!r} model, which cannot stylize photos",
                                code="FAILED_PRECONDITION")
-        if isinstance(leased, StyleGAN2Model):
+        if isinstance(leased, LatentModel):
             self.repo.encoder_for(leased).release()
         return leased
 
@@ -414,6 +494,7 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
         """Decode (thread pool), stylize (batcher), encode (thread pool) one image."""
         t0 = time.perf_counter()
         fmt, quality = self._format(request.output)
+        self._dualstyle(request, model)  # INVALID_ARGUMENT when dualstyle options are set
         loop = asyncio.get_running_loop()
         img = await loop.run_in_executor(self.encode_pool, model.decode, request.image)
         size = self._size(request.output, (img.shape[0], img.shape[1]))
@@ -428,14 +509,17 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
         return pb.StylizeResponse(image=cpb.Image(data=data, format=FORMAT_ENUM[fmt], width=w, height=h),
                                   model=model.name, model_version=model.version, timings=timings)
 
-    async def _stylize_faces(self, model: StyleGAN2Model, request: pb.StylizeRequest,
+    async def _stylize_faces(self, model: LatentModel, request: pb.StylizeRequest,
                              deadline: float | None) -> pb.StylizeResponse:
-        """A face photo through a stylegan2-family model (serving.photo.stylize_faces), then the image encoding."""
+        """A face photo through a stylegan2 or dualstylegan model (serving.photo.stylize_faces), then the image
+        encoding."""
         t0 = time.perf_counter()
         fmt, quality = self._format(request.output)
         req = photo.parse_face_options(request.face, self.limits.psi_range)
+        style = self._dualstyle(request, model)
         res = await photo.stylize_faces(self.repo, model, request.image, req, max_photo_size=self.limits.max_photo_size,
-                                        max_faces=self.limits.max_faces, pool=self.encode_pool, deadline=deadline)
+                                        max_faces=self.limits.max_faces, pool=self.encode_pool, deadline=deadline,
+                                        style=style)
         t1 = time.perf_counter()
         limit = self.limits.max_photo_size if req.composite == "paste" else 0
         size = self._size(request.output, (res.image.shape[0], res.image.shape[1]), limit=limit)
@@ -454,8 +538,11 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
                               composite_ms=sec["composite"] * ms, encode_ms=(t2 - t1) * ms,
                               total_ms=(t2 - t0) * ms)
         w, h = size
-        return pb.StylizeResponse(image=cpb.Image(data=data, format=FORMAT_ENUM[fmt], width=w, height=h),
+        resp = pb.StylizeResponse(image=cpb.Image(data=data, format=FORMAT_ENUM[fmt], width=w, height=h),
                                   model=model.name, model_version=model.version, timings=timings, faces=faces)
+        if style is not None and style.image is None and style.exstyle_z is None and style.exstyle_w is None:
+            resp.style_id = style.style_id or 0
+        return resp
 
     async def Stylize(self, request: pb.StylizeRequest, context) -> pb.StylizeResponse:
         return await self._call("Stylize", request.model, context, self._stylize, request)

@@ -43,6 +43,7 @@ EXPORT_COMMANDS: dict[str, str] = {
     "bundle": "stylecast.commands.export:bundle_cmd",
     "verify": "stylecast.commands.export:verify_cmd",
     "fast-style-bundle": "stylecast.commands.export_fast_style:cmd",
+    "dualstyle-bundle": "stylecast.commands.export_dualstyle:cmd",
 }
 
 # Exceptions that mean "the user asked for something that cannot be done": one line, exit code 2.

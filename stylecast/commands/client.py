@@ -1,4 +1,5 @@
-"""`stylecast client list|info|generate|stream`: call a running `stylecast serve` from the command line."""
+"""`stylecast client list|info|styles|generate|stream|stylize`: call a running `stylecast serve` from the command
+line."""
 
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def list_cmd(server: str, token_file: Path | None, tls: bool, tls_ca: Path | Non
         line = f"{m.name:24s} {state:8s} {m.kind:10s}"
         if m.ready:
             line += f" v{m.version} {m.resolution}px z{m.z_dim} w{m.w_dim}x{m.num_ws} psi {m.default_psi:g} {m.backend}"
+            if m.kind == "dualstylegan":
+                line += f" {m.style_count} styles"
         else:
             line += f" {m.error}"
         click.echo(line)
@@ -97,6 +100,59 @@ def info_cmd(model: str, server: str, token_file: Path | None, tls: bool, tls_ca
     click.echo(json_format.MessageToJson(info, always_print_fields_with_no_presence=True))
 
 
+@client.command("styles", context_settings=CTX)
+@click.option("--model", required=True, help="A dualstylegan model.")
+@_conn_options
+def styles_cmd(model: str, server: str, token_file: Path | None, tls: bool, tls_ca: Path | None,
+               timeout: float) -> None:
+    """List a dualstylegan model's style library (id, name) and its default per-layer weights.
+
+    \b
+    Example:
+      stylecast client styles --model cartoon
+    """
+    with _client(server, token_file, tls, tls_ca, timeout) as c:
+        resp = _rpc(lambda: c.list_styles_raw(model))
+    for s in resp.styles:
+        click.echo(f"{s.id:5d}  {s.name}")
+    click.echo(f"{len(resp.styles)} styles; default weights {','.join(f'{v:g}' for v in resp.default_weights)} "
+               f"(layers 0..{resp.res_index} structure, the rest colour)")
+
+
+def _style_options(f):
+    f = click.option("--preserve-color", "--preserve-colour", "preserve_color", is_flag=True, default=False,
+                     help="dualstylegan: keep the content's colours (the official --preserve_color).")(f)
+    f = click.option("--weights", default=None,
+                     help="dualstylegan: per-layer extrinsic weights, num_ws values, e.g. 0.75*7,1*11 (default: the "
+                          "model's).")(f)
+    f = click.option("--style-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="dualstylegan: an exemplar portrait to take the style from (instead of --style-id).")(f)
+    f = click.option("--style-id", default=None,
+                     help="dualstylegan: a library style, by id or name (see `stylecast client styles`; default 0).")(f)
+    return f
+
+
+def _style_kwargs(style_id: str | None, style_image: Path | None, weights: str | None,
+                  preserve_color: bool) -> dict:
+    """The StyleClient keyword arguments (style, weights, preserve_color) of the --style-* options."""
+    from .export_dualstyle import parse_weights
+    if style_id is not None and style_image is not None:
+        raise ValueError("give either --style-id or --style-image, not both")
+    style: int | str | bytes | None = None
+    if style_id is not None:
+        style = int(style_id) if style_id.isdigit() else style_id
+    elif style_image is not None:
+        style = style_image.read_bytes()
+    kw: dict = {}
+    if style is not None:
+        kw["style"] = style
+    if weights is not None:
+        kw["weights"] = parse_weights(weights)
+    if preserve_color:
+        kw["preserve_color"] = True
+    return kw
+
+
 def _image_options(f):
     f = click.option("--size", default=None, help="Output size, e.g. 512 or 640x480 (Lanczos).")(f)
     f = click.option("--quality", type=click.IntRange(0, 100), default=0, help="JPEG/WebP quality (0 = 90).")(f)
@@ -111,23 +167,27 @@ def _image_options(f):
 @click.option("--seeds", default="0-3", help="Seeds, e.g. 0-3,7.")
 @click.option("--outdir", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @_image_options
+@_style_options
 @_conn_options
 def generate_cmd(model: str, seeds: str, outdir: Path, psi: float | None, cutoff: int | None, fmt: str, quality: int,
-                 size: str | None, server: str, token_file: Path | None, tls: bool, tls_ca: Path | None,
+                 size: str | None, style_id: str | None, style_image: Path | None, weights: str | None,
+                 preserve_color: bool, server: str, token_file: Path | None, tls: bool, tls_ca: Path | None,
                  timeout: float) -> None:
     """Render seeds on the server and write seedNNNN.png (or .jpg/.webp/.rgb).
 
     \b
-    Example:
+    Examples:
       stylecast client generate --server 127.0.0.1:50051 --model demo --seeds 0-3 --outdir out/
+      stylecast client generate --model cartoon --seeds 0-3 --style-id 53 --psi 0.75 --outdir out/
     """
     from serving.client import parse_size
     from stylecast.util import parse_seeds
     seed_list = parse_seeds(seeds)
     dims = parse_size(size)
+    style_kw = _style_kwargs(style_id, style_image, weights, preserve_color)
     with _client(server, token_file, tls, tls_ca, timeout) as c:
         images = _rpc(lambda: c.generate(model, seeds=seed_list, psi=psi, cutoff=cutoff, fmt=fmt, quality=quality,
-                                         size=dims))
+                                         size=dims, **style_kw))
     outdir.mkdir(parents=True, exist_ok=True)
     for img in images:
         img.save(outdir / f"seed{img.seed:04d}{img.extension}")
@@ -184,14 +244,18 @@ def stream_cmd(model: str, seeds: str | None, interpolate: str | None, steps: in
 @click.option("--composite", type=click.Choice(["paste", "crop"]), default="paste",
               help="Face models: paste the stylized face(s) back into the photo, or return the aligned crop(s).")
 @click.option("--feather", type=click.FloatRange(0, 0.5), default=0.0, help="Paste-back seam width (0 = 0.08).")
-@click.option("--psi", type=float, default=None, help="Face models: pull the encoded latents towards w_avg.")
+@click.option("--psi", type=float, default=None,
+              help="Face models: truncation of the encoded latents (stylegan2: towards w_avg, default none; "
+                   "dualstylegan: towards 0, default the model's).")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp", "raw"]), default="png")
 @click.option("--quality", type=click.IntRange(0, 100), default=0, help="JPEG/WebP quality (0 = 90).")
 @click.option("--size", default=None, help="Output size, e.g. 512 or 640x480 (default: the photo's / crop's).")
+@_style_options
 @_conn_options
 def stylize_cmd(photos: tuple[Path, ...], model: str, outdir: Path, faces: str, composite: str, feather: float,
-                psi: float | None, fmt: str, quality: int, size: str | None, server: str, token_file: Path | None,
-                tls: bool, tls_ca: Path | None, timeout: float) -> None:
+                psi: float | None, fmt: str, quality: int, size: str | None, style_id: str | None,
+                style_image: Path | None, weights: str | None, preserve_color: bool, server: str,
+                token_file: Path | None, tls: bool, tls_ca: Path | None, timeout: float) -> None:
     """Stylize photos on the server; writes <photo stem>.<model>.png (and .faceK for every crop of --faces all).
 
     Several photos go through one StylizeStream; a photo that fails (no face, corrupt) is reported and the others
@@ -201,12 +265,14 @@ def stylize_cmd(photos: tuple[Path, ...], model: str, outdir: Path, faces: str, 
     Examples:
       stylecast client stylize --model toon --outdir out/ me.jpg
       stylecast client stylize --model toon --faces all --composite crop --outdir out/ group.jpg
+      stylecast client stylize --model cartoon --style-id 53 --preserve-color --outdir out/ me.jpg
     """
     from serving.client import _image, parse_size
     if faces not in ("largest", "all") and not faces.isdigit():
         raise ValueError(f"--faces must be 'largest', 'all' or an index, got {faces!r}")
     opts = dict(faces=int(faces) if faces.isdigit() else faces, composite=composite, feather=feather, psi=psi,
-                fmt=fmt, quality=quality, size=parse_size(size))
+                fmt=fmt, quality=quality, size=parse_size(size),
+                **_style_kwargs(style_id, style_image, weights, preserve_color))
     outdir.mkdir(parents=True, exist_ok=True)
     failed = written = 0
     with _client(server, token_file, tls, tls_ca, timeout) as c:
