@@ -16,7 +16,7 @@ CX_EPS = 1e-5
 
 
 def contextual_loss(x: torch.Tensor, y: torch.Tensor, band_width: float = CX_BANDWIDTH,
-                    eps: float = CX_EPS) -> torch.Tensor:
+                    eps: float = CX_EPS, y_mean: torch.Tensor | None = None) -> torch.Tensor:
     """Contextual loss with cosine distances (the implementation DualStyleGAN ships, Eq. 1-5 of the paper).
 
     With x_i the feature vectors of x at its positions i and y_j those of y, both centred by the channel mean
@@ -33,6 +33,8 @@ def contextual_loss(x: torch.Tensor, y: torch.Tensor, band_width: float = CX_BAN
         y: [N, C, H', W'] features of the target (any spatial size).
         band_width: h.
         eps: see above.
+        y_mean: [C] the channel mean of y to centre with, when y is one slice of a larger batch (data-parallel
+            training passes the mean over the whole global batch); None = computed from y.
     Returns:
         scalar tensor (differentiable in x and y).
     """
@@ -42,7 +44,12 @@ def contextual_loss(x: torch.Tensor, y: torch.Tensor, band_width: float = CX_BAN
     if not band_width > 0:
         raise ValueError(f"band_width must be positive, got {band_width}")
     n, c = x.shape[:2]
-    y_mu = y.mean(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
+    if y_mean is None:
+        y_mu = y.mean(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
+    else:
+        if y_mean.shape != (c,):
+            raise ValueError(f"y_mean must have shape [{c}], got {tuple(y_mean.shape)}")
+        y_mu = y_mean.to(y.dtype).reshape(1, c, 1, 1)
     xn = F.normalize((x - y_mu).reshape(n, c, -1), p=2, dim=1)  # [N, C, HW]
     yn = F.normalize((y - y_mu).reshape(n, c, -1), p=2, dim=1)  # [N, C, H'W']
     dist = 1 - torch.bmm(xn.transpose(1, 2), yn)  # [N, HW, H'W']
