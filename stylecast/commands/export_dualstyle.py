@@ -63,8 +63,9 @@ def cmd(checkpoint: Path, styles: Path, out: Path, name: str, default_psi: float
     Examples:
       stylecast export dualstyle-bundle -c cartoon/generator.pt -s cartoon/refined_exstyle_code.npy \\
           -o models/cartoon --name cartoon --encoder encoder.pt --encoder-space z+
-      stylecast export dualstyle-bundle -c runs/00003-dualstylegan/final -s runs/00003-dualstylegan/codes.safetensors \\
-          -o models/toon --name toon --encoder-from models/ffhq --default-weights 0.6*7,1*11
+      stylecast export dualstyle-bundle -c runs/00003-dualstylegan-finetune-toons/network-snapshot-001500 \\
+          -s runs/00004-dualstylegan-refine-toons/refined_exstyle_code.npy -o models/toon --name toon \\
+          --encoder-from models/ffhq --default-weights 0.6*7,1*11
     """
     from export.bundle import verify_bundle
     from export.dualstyle_bundle import DualStyleBundleOptions, build_dualstyle_bundle
