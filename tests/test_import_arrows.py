@@ -79,3 +79,40 @@ def test_serving_and_cli_do_not_load_torch_at_runtime() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# training.<method> may import the shared layers (networks, ops, checkpoints) and the shared helpers (generate:
+# sampling and grids; distributed: torchrun / DDP). A method may build on another method's public pieces only along
+# these deliberate arrows (DualStyleGAN is finetuning + a pSp encoder + destylization; inversion reuses the VGG
+# weight loading of neural style and the image-folder reader of finetuning); anything else is a new design decision
+# and must be added here on purpose.
+SHARED = {"networks", "ops", "checkpoints", "generate", "distributed"}
+METHOD_ARROWS = {
+    "dualstyle": {"finetune", "inversion", "style"},
+    "inversion": {"finetune", "style"},
+    "blend": set(), "finetune": set(), "nada": set(), "style": set(),
+}
+
+
+def test_training_methods_import_only_shared_layers_and_declared_methods() -> None:
+    bad = []
+    for f in _py_files("training"):
+        rel = f.relative_to(ROOT / "training")
+        method = rel.parts[0].removesuffix(".py")
+        if method in SHARED or method == "__init__":
+            continue
+        allowed = SHARED | METHOD_ARROWS.get(method, set()) | {method}
+        tree = ast.parse(f.read_text(), filename=str(f))
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == "training":
+                    targets = [a.name for a in node.names]
+                elif node.module.startswith("training."):
+                    targets = [node.module.split(".")[1]]
+            elif isinstance(node, ast.Import):
+                targets = [a.name.split(".")[1] for a in node.names if a.name.startswith("training.")]
+            for t in targets:
+                if t not in allowed:
+                    bad.append(f"{f.relative_to(ROOT)}:{node.lineno} training.{method} imports training.{t}")
+    assert not bad, "undeclared method-to-method imports (see METHOD_ARROWS):\n" + "\n".join(bad)
