@@ -21,6 +21,7 @@ from stylecast.util import atomic_directory, sha256_file
 from training.checkpoints import Checkpoint, load_checkpoint
 from training.networks.stylegan2 import Generator, seeds_to_z
 
+from .encoder_export import declare_bundle_encoder, resolve_bundle_encoder, write_bundle_encoder
 from .onnx_export import DEFAULT_OPSET, export_mapping, export_synthesis, reference_outputs
 
 GOLDEN_SEEDS = (0, 1)
@@ -49,6 +50,7 @@ class BundleOptions:
     encoder: str | Path | None = None
     latent_space: str | None = None
     encoder_from: str | Path | None = None
+    encoder_space: str | None = None  # "w+" | "z+" for an official encoder checkpoint that does not record it
 
 
 def default_name(path: str | Path) -> str:
@@ -76,9 +78,10 @@ def build_bundle(checkpoint: str | Path | Checkpoint, out: str | Path, options: 
         raise ValueError("default psi must be finite")
     out = Path(out)
     G = ckpt.G.eval().cpu()
-    enc_ckpt, latent_space = _resolve_latent_space(name, G, opts)
-    steps = (["mapping", "synthesis"] + (["synthesis_fp16"] if opts.fp16 else []) + (["encoder"] if enc_ckpt else [])
-             + ["golden"])
+    photo = resolve_bundle_encoder(name, G, encoder=opts.encoder, encoder_from=opts.encoder_from,
+                                   latent_space=opts.latent_space, encoder_space=opts.encoder_space)
+    steps = (["mapping", "synthesis"] + (["synthesis_fp16"] if opts.fp16 else [])
+             + (["encoder"] if photo.checkpoint else []) + ["golden"])
     bar = None
     if progress:
         from tqdm import tqdm
@@ -101,17 +104,8 @@ def build_bundle(checkpoint: str | Path | Checkpoint, out: str | Path, options: 
             bar and bar.update()
         extra_golden: dict[str, np.ndarray] = {}
         encoder_doc = None
-        if enc_ckpt is not None:
-            from .encoder_export import encoder_golden, export_encoder
-            info = export_encoder(enc_ckpt.encoder, tmp / "encoder.onnx", opset=opts.opset, generator=G)
-            graphs["encoder"] = {"file": "encoder.onnx", "inputs": info.inputs, "outputs": info.outputs,
-                                 "nodes": info.nodes, "precision": "fp32"}
-            extra_golden = encoder_golden(enc_ckpt.encoder, G)
-            ecfg = enc_ckpt.config
-            encoder_doc = {"kind": ecfg.kind, "input_size": ecfg.input_size, "align": "ffhq",
-                           "latent_space": latent_space, "golden": {"img_u8": "enc_img_u8", "ws": "enc_ws"},
-                           "source": {"file": Path(enc_ckpt.path).name, "format": enc_ckpt.format,
-                                      "sha256": enc_ckpt.sha256}}
+        if photo.checkpoint is not None:
+            graphs["encoder"], extra_golden, encoder_doc = write_bundle_encoder(photo, G, tmp, opts.opset)
             bar and bar.update()
         z = seeds_to_z(list(GOLDEN_SEEDS), G.z_dim)
         psi = torch.tensor(GOLDEN_PSI, dtype=torch.float32)
@@ -127,41 +121,11 @@ def build_bundle(checkpoint: str | Path | Checkpoint, out: str | Path, options: 
             engines.append(eng)
             bar and bar.update()
         manifest = _manifest(name, ckpt, G, opts, graphs, engines, tmp)
-        if latent_space is not None:
-            manifest["model"]["latent_space"] = latent_space
-        if encoder_doc is not None:
-            manifest["encoder"] = encoder_doc
+        declare_bundle_encoder(manifest, photo, encoder_doc)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         load_manifest(tmp)  # never publish a bundle whose manifest does not validate
     bar and bar.close()
     return out
-
-
-def _resolve_latent_space(name: str, G: Generator, opts: BundleOptions) -> tuple[Any, str | None]:
-    """(loaded encoder checkpoint or None, latent space id or None) from the options, checked against G."""
-    if opts.encoder is not None and opts.encoder_from is not None:
-        raise ValueError("give either an encoder or encoder_from (a bundle whose encoder this model shares), not both")
-    space = opts.latent_space
-    if space is not None and not NAME_RE.match(space):
-        raise ValueError(f"latent space {space!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)")
-    enc = None
-    if opts.encoder is not None:
-        from training.inversion.encoders import check_encoder_fits, load_encoder
-        enc = load_encoder(opts.encoder, with_decoder=False)
-        check_encoder_fits(enc.config, G, f"encoder {opts.encoder}")  # z+ codes go through G's mapping
-        space = space or name
-    elif opts.encoder_from is not None:
-        base = load_manifest(opts.encoder_from)
-        if "encoder" not in base.get("graphs", {}):
-            raise ValueError(f"bundle {opts.encoder_from} has no encoder to share")
-        bm = base["model"]
-        if (bm["num_ws"], bm["w_dim"]) != (G.num_ws, G.w_dim):
-            raise ValueError(f"bundle {opts.encoder_from} encodes [N, {bm['num_ws']}, {bm['w_dim']}] latents but "
-                             f"this generator takes [N, {G.num_ws}, {G.w_dim}]")
-        if space is not None and space != bm["latent_space"]:
-            raise ValueError(f"latent space {space!r} differs from {bm['latent_space']!r} of {opts.encoder_from}")
-        space = bm["latent_space"]
-    return enc, space
 
 
 def _manifest(name: str, ckpt: Checkpoint, G: Generator, opts: BundleOptions, graphs: dict, engines: list,

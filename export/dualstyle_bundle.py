@@ -36,6 +36,7 @@ from training.networks.stylegan2 import seeds_to_z
 
 from .bundle import ENCODER_MAX_ABS, FP16_MIN_PSNR, FP32_MAX_ABS, GraphCheck, compare_output, psnr
 from .dualstyle_export import export_dualstyle_synthesis
+from .encoder_export import declare_bundle_encoder, resolve_bundle_encoder, write_bundle_encoder
 from .onnx_export import DEFAULT_OPSET, GraphInfo, _export, _io_info, img_to_uint8
 
 STYLES_NAME = "styles.npz"
@@ -195,8 +196,9 @@ def build_dualstyle_bundle(checkpoint: str | Path, styles: str | Path, out: str 
     weights = check_weights(model.default_weights() if opts.default_weights is None else opts.default_weights,
                             model.num_ws, "default weights")
     codes = load_exstyle_codes(styles, num_ws=model.num_ws, w_dim=model.z_dim)
-    enc, latent_space, encoder_from = _resolve_encoder(name, model, opts)
-    steps = ["mapping", "synthesis", "styles"] + (["encoder"] if enc is not None else []) + ["golden"]
+    photo = resolve_bundle_encoder(name, model.generator, encoder=opts.encoder, encoder_from=opts.encoder_from,
+                                   latent_space=opts.latent_space, encoder_space=opts.encoder_space)
+    steps = ["mapping", "synthesis", "styles"] + (["encoder"] if photo.checkpoint is not None else []) + ["golden"]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -218,61 +220,18 @@ def build_dualstyle_bundle(checkpoint: str | Path, styles: str | Path, out: str 
         bar and bar.update()
         extra_golden: dict[str, np.ndarray] = {}
         encoder_doc = None
-        if enc is not None:
-            from .encoder_export import encoder_golden, export_encoder
-            graphs["encoder"] = graph_doc(export_encoder(enc.encoder, tmp / "encoder.onnx", opset=opts.opset,
-                                                         generator=G))
-            extra_golden = encoder_golden(enc.encoder, G)
-            ecfg = enc.config
-            encoder_doc = {"kind": ecfg.kind, "input_size": ecfg.input_size, "align": "ffhq",
-                           "latent_space": latent_space, "golden": {"img_u8": "enc_img_u8", "ws": "enc_ws"},
-                           "source": {"file": Path(enc.path).name, "format": enc.format, "sha256": enc.sha256,
-                                      "codes": ecfg.latent_space}}
+        if photo.checkpoint is not None:
+            graphs["encoder"], extra_golden, encoder_doc = write_bundle_encoder(photo, G, tmp, opts.opset)
             bar and bar.update()
         gold = golden_rows(model, lib["exstyle_w"], weights)
         np.savez(tmp / GOLDEN_NAME, **gold, **extra_golden)
         bar and bar.update()
         manifest = _manifest(name, checkpoint, styles, model, opts, weights, graphs, list(lib["names"]), tmp)
-        if latent_space is not None:
-            manifest["model"]["latent_space"] = latent_space
-        if encoder_from is not None:
-            manifest["model"]["encoder_from"] = encoder_from
-        if encoder_doc is not None:
-            manifest["encoder"] = encoder_doc
+        declare_bundle_encoder(manifest, photo, encoder_doc)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         load_manifest(tmp)  # never publish a bundle whose manifest does not validate
     bar and bar.close()
     return out
-
-
-def _resolve_encoder(name: str, model: DualStyleGAN,
-                     opts: DualStyleBundleOptions) -> tuple[Any, str | None, str | None]:
-    """(loaded encoder checkpoint or None, latent space id or None, the encoder_from bundle's name or None)."""
-    if opts.encoder is not None and opts.encoder_from is not None:
-        raise ValueError("give either an encoder or encoder_from (a bundle whose encoder this model shares), not both")
-    if opts.encoder_space is not None and opts.encoder is None:
-        raise ValueError("an encoder latent space (w+ / z+) only applies together with an encoder")
-    space = opts.latent_space
-    if space is not None and not NAME_RE.match(space):
-        raise ValueError(f"latent space {space!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)")
-    G = model.generator
-    if opts.encoder is not None:
-        from training.inversion.encoders import check_encoder_fits, load_encoder
-        enc = load_encoder(opts.encoder, with_decoder=False, latent_space=opts.encoder_space)
-        check_encoder_fits(enc.config, G, f"encoder {opts.encoder}")
-        return enc, space or name, None
-    if opts.encoder_from is not None:
-        base = load_manifest(opts.encoder_from)
-        if "encoder" not in base.get("graphs", {}):
-            raise ValueError(f"bundle {opts.encoder_from} has no encoder to share")
-        bm = base["model"]
-        if (bm["num_ws"], bm["w_dim"]) != (G.num_ws, G.w_dim):
-            raise ValueError(f"bundle {opts.encoder_from} encodes [N, {bm['num_ws']}, {bm['w_dim']}] latents but "
-                             f"this model takes [N, {G.num_ws}, {G.w_dim}]")
-        if space is not None and space != bm["latent_space"]:
-            raise ValueError(f"latent space {space!r} differs from {bm['latent_space']!r} of {opts.encoder_from}")
-        return None, bm["latent_space"], base["name"]
-    return None, space, None
 
 
 def _manifest(name: str, checkpoint: str | Path, styles: str | Path, model: DualStyleGAN,

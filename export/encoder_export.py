@@ -12,7 +12,9 @@ graph against PyTorch without any photo or face model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,3 +89,87 @@ def encoder_golden(encoder: GradualStyleEncoder, G: Generator) -> dict[str, np.n
         faces_u8 = img_to_uint8(encoder.preprocess(img.clamp(-1, 1)))
         ws = codes_to_ws(encoder(u8_to_img(faces_u8)), encoder.cfg.latent_space, G.mapping)
     return {"enc_img_u8": faces_u8.numpy(), "enc_ws": ws.numpy().astype(np.float32)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The photo encoder of a bundle (shared by stylegan2 and dualstylegan bundles)
+
+
+@dataclass
+class BundleEncoder:
+    """What a bundle being built declares about photos: the encoder it ships (a loaded checkpoint, or None), the id
+    of the W+ space its synthesis accepts (None: none declared), and the bundle whose encoder it shares instead."""
+
+    checkpoint: Any | None = None   # training.inversion.encoders.EncoderCheckpoint
+    latent_space: str | None = None
+    shared_from: str | None = None  # the name of the --encoder-from bundle
+
+
+def resolve_bundle_encoder(name: str, G: Generator, *, encoder: str | Path | None = None,
+                           encoder_from: str | Path | None = None, latent_space: str | None = None,
+                           encoder_space: str | None = None) -> BundleEncoder:
+    """Load and check a bundle's photo encoder options before anything is written.
+
+    Args:
+        name: the bundle's name (the default latent space id of a bundle shipping its own encoder).
+        G: the bundle's generator (the encoder must output its [num_ws, w_dim] ws; z+ codes go through its mapping).
+        encoder: a pSp / e4e checkpoint (official .pt or native dir) to ship as encoder.onnx.
+        encoder_from: a bundle with an encoder whose latent space this (adapted) model shares.
+        latent_space: the space id to declare (default: `name` with an encoder, the base bundle's with encoder_from).
+        encoder_space: "w+" | "z+" for an official checkpoint that does not record its space.
+    Raises:
+        ValueError / FileNotFoundError: one line naming the conflict.
+    """
+    from protos.manifest import NAME_RE, load_manifest
+    if encoder is not None and encoder_from is not None:
+        raise ValueError("give either an encoder or encoder_from (a bundle whose encoder this model shares), not both")
+    if encoder_space is not None and encoder is None:
+        raise ValueError("an encoder latent space (w+ / z+) only applies together with an encoder")
+    if latent_space is not None and not NAME_RE.match(latent_space):
+        raise ValueError(f"latent space {latent_space!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)")
+    if encoder is not None:
+        from training.inversion.encoders import load_encoder
+        enc = load_encoder(encoder, with_decoder=False, latent_space=encoder_space)
+        check_encoder_fits(enc.config, G, f"encoder {encoder}")
+        return BundleEncoder(enc, latent_space or name)
+    if encoder_from is not None:
+        base = load_manifest(encoder_from)
+        if "encoder" not in base.get("graphs", {}):
+            raise ValueError(f"bundle {encoder_from} has no encoder to share")
+        bm = base["model"]
+        if (bm["num_ws"], bm["w_dim"]) != (G.num_ws, G.w_dim):
+            raise ValueError(f"bundle {encoder_from} encodes [N, {bm['num_ws']}, {bm['w_dim']}] latents but this "
+                             f"generator takes [N, {G.num_ws}, {G.w_dim}]")
+        if latent_space is not None and latent_space != bm["latent_space"]:
+            raise ValueError(f"latent space {latent_space!r} differs from {bm['latent_space']!r} of {encoder_from}")
+        return BundleEncoder(None, bm["latent_space"], base["name"])
+    return BundleEncoder(None, latent_space)
+
+
+def write_bundle_encoder(be: BundleEncoder, G: Generator, directory: Path,
+                         opset: int = DEFAULT_OPSET) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    """Export be.checkpoint's encoder.onnx into a bundle directory.
+
+    Returns:
+        (the graphs["encoder"] entry, the golden.npz arrays of the encoder check, the manifest's "encoder" object).
+    """
+    enc = be.checkpoint
+    info = export_encoder(enc.encoder, Path(directory) / "encoder.onnx", opset=opset, generator=G)
+    graph = {"file": "encoder.onnx", "inputs": info.inputs, "outputs": info.outputs, "nodes": info.nodes,
+             "precision": "fp32"}
+    ecfg = enc.config
+    doc = {"kind": ecfg.kind, "input_size": ecfg.input_size, "align": "ffhq", "latent_space": be.latent_space,
+           "golden": {"img_u8": "enc_img_u8", "ws": "enc_ws"},
+           "source": {"file": Path(enc.path).name, "format": enc.format, "sha256": enc.sha256,
+                      "codes": ecfg.latent_space}}
+    return graph, encoder_golden(enc.encoder, G), doc
+
+
+def declare_bundle_encoder(manifest: dict[str, Any], be: BundleEncoder, encoder_doc: dict[str, Any] | None) -> None:
+    """Record the latent space, the shared-encoder bundle and the encoder description in a manifest."""
+    if be.latent_space is not None:
+        manifest["model"]["latent_space"] = be.latent_space
+    if be.shared_from is not None:
+        manifest["model"]["encoder_from"] = be.shared_from
+    if encoder_doc is not None:
+        manifest["encoder"] = encoder_doc

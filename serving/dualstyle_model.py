@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +28,6 @@ from .batcher import BatchItem, DynamicBatcher
 from .config import BatchConfig
 from .errors import InvalidArgument, ServingError
 from .logs import log
-from .metrics import Metrics
 from .models import (MAPPING_TOLERANCE, BundleRefused, LatentModel, check_bundle_files, check_u8_golden)
 
 logger = logging.getLogger("serving.dualstyle")
@@ -291,16 +289,6 @@ class DualStyleGANModel(LatentModel):
         towards 0, the requested style (preserve_color from the untruncated codes), the batched synthesis."""
         resolved = await self.resolve_style(style, exemplar_ws)
         return await self.synthesize(self.to_ws(ws, psi), resolved, ws, deadline, stats)
-
-    async def start(self, executor: Executor | None, metrics: Metrics | None) -> None:
-        await super().start(executor, metrics)
-        self.executor = executor
-        b = self.batch_cfg
-        self.batcher = DynamicBatcher(self.name, self.synthesis, max_batch=self.max_batch,
-                                      max_queue_delay_s=b.max_queue_delay_ms / 1000, max_queue=b.max_queue,
-                                      executor=executor, metrics=metrics)
-        self.batcher.start()
-        self.start_encoder(executor, metrics)
 
     async def close(self) -> None:
         await self._close_runners([self.batcher, self.encoder_batcher], [self.synthesis, self.mapping, self.encoder])

@@ -198,7 +198,16 @@ class LatentModel(LoadedModel):
 
     # -- serving ----------------------------------------------------------------------------------------------
 
-    def start_encoder(self, executor: Executor | None, metrics: Metrics | None) -> None:
+    async def start(self, executor: Executor | None, metrics: Metrics | None) -> None:
+        """Start the dynamic batchers: synthesis (`self.synthesis`, up to `self.max_batch` rows, set by the
+        subclass) and, with encoder.onnx, the encoder's."""
+        await super().start(executor, metrics)
+        self.executor = executor
+        b = self.batch_cfg
+        self.batcher = DynamicBatcher(self.name, self.synthesis, max_batch=self.max_batch,
+                                      max_queue_delay_s=b.max_queue_delay_ms / 1000, max_queue=b.max_queue,
+                                      executor=executor, metrics=metrics)
+        self.batcher.start()
         if self.encoder is not None:
             b = self.batch_cfg
             self.encoder_batcher = DynamicBatcher(f"{self.name}.encoder", self.encoder, max_batch=b.max_batch,
@@ -343,16 +352,6 @@ class StyleGAN2Model(LatentModel):
             encoder_max_abs=err_enc)
 
     # -- serving ----------------------------------------------------------------------------------------------
-
-    async def start(self, executor: Executor | None, metrics: Metrics | None) -> None:
-        await super().start(executor, metrics)
-        self.executor = executor
-        b = self.batch_cfg
-        self.batcher = DynamicBatcher(self.name, self.synthesis, max_batch=self.max_batch,
-                                      max_queue_delay_s=b.max_queue_delay_ms / 1000, max_queue=b.max_queue,
-                                      executor=executor, metrics=metrics)
-        self.batcher.start()
-        self.start_encoder(executor, metrics)
 
     async def synthesize(self, ws: np.ndarray, deadline: float | None = None,
                          stats: dict[str, float] | None = None) -> np.ndarray:

@@ -103,6 +103,8 @@ def engine_cmd(onnx_path: Path, out: Path, precision: str, min_batch: int, opt_b
 @click.option("--encoder", type=click.Path(path_type=Path), default=None,
               help="pSp / e4e encoder (official .pt or stylecast dir) for this generator: adds encoder.onnx so "
                    "the server can Stylize face photos.")
+@click.option("--encoder-space", type=click.Choice(["w+", "z+"]), default=None,
+              help="Latent space of --encoder when its checkpoint does not record it (DualStyleGAN's encoder.pt: z+).")
 @click.option("--latent-space", default=None,
               help="Id of the W+ space this synthesis accepts (default with --encoder: the bundle name).")
 @click.option("--encoder-from", type=click.Path(path_type=Path), default=None,
@@ -110,7 +112,7 @@ def engine_cmd(onnx_path: Path, out: Path, precision: str, min_batch: int, opt_b
                    "from that base) shares; the server then stylizes photos with that bundle's encoder.")
 def bundle_cmd(checkpoint: Path, out: Path, name: str | None, default_psi: float, fp16: bool,
                engines: tuple[str, ...], simplify: bool, verify: bool, encoder: Path | None,
-               latent_space: str | None, encoder_from: Path | None) -> None:
+               encoder_space: str | None, latent_space: str | None, encoder_from: Path | None) -> None:
     """Build an immutable serving bundle: manifest, mapping/synthesis ONNX, golden outputs (+ encoder.onnx).
 
     \b
@@ -121,7 +123,8 @@ def bundle_cmd(checkpoint: Path, out: Path, name: str | None, default_psi: float
     from export.bundle import BundleOptions, build_bundle, verify_bundle
 
     opts = BundleOptions(name=name, default_psi=default_psi, fp16=fp16, engines=list(engines), simplify=simplify,
-                         encoder=encoder, latent_space=latent_space, encoder_from=encoder_from)
+                         encoder=encoder, encoder_space=encoder_space, latent_space=latent_space,
+                         encoder_from=encoder_from)
     path = build_bundle(checkpoint, out, opts, progress=sys.stderr.isatty())
     click.echo(f"wrote bundle {path}")
     if verify:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from training.checkpoints import CheckpointError
 from training.inversion.irse import Backbone, load_arcface
-from training.style.vgg import ENV_OFFLINE, IMAGENET_MEAN, IMAGENET_STD, VGGWeightsError, offline
+from training.style.vgg import IMAGENET_MEAN, IMAGENET_STD, VGGWeightsError, resolve_torchvision_weights
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
@@ -85,28 +85,8 @@ def resolve_vgg16_weights(weights: str | os.PathLike | None = None, allow_downlo
     Raises:
         VGGWeightsError: with a one-line message saying how to supply the file.
     """
-    if weights is None and os.environ.get(ENV_VGG16_WEIGHTS):
-        weights = os.environ[ENV_VGG16_WEIGHTS]
-    if weights is not None:
-        p = Path(weights).expanduser()
-        if not p.is_file():
-            raise VGGWeightsError(f"VGG16 weights {p} not found; {_how_to_supply_vgg16()}")
-        return p
-    cached = vgg16_hub_cache_file()
-    if cached.is_file():
-        return cached
-    if allow_download is None:
-        allow_download = not offline()
-    if not allow_download:
-        raise VGGWeightsError(f"VGG16 ImageNet weights not found and downloads are disabled ({ENV_OFFLINE}=1); "
-                              f"{_how_to_supply_vgg16()}")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(VGG16_URL, str(cached), hash_prefix=VGG16_HASH_PREFIX, progress=progress)
-    except Exception as exc:  # URLError, timeouts, hash mismatch: one line (the hub writes to a temp file)
-        raise VGGWeightsError(f"could not download the VGG16 ImageNet weights ({str(exc)[:200]}); "
-                              f"{_how_to_supply_vgg16()}") from None
-    return cached
+    return resolve_torchvision_weights("VGG16", weights, ENV_VGG16_WEIGHTS, vgg16_hub_cache_file(), VGG16_URL,
+                                       VGG16_HASH_PREFIX, _how_to_supply_vgg16(), allow_download, progress)
 
 
 def read_vgg16_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -262,6 +262,49 @@ def _expected_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def resolve_torchvision_weights(net: str, weights: str | os.PathLike | None, env_var: str, cached: Path, url: str,
+                                hash_prefix: str, how_to_supply: str, allow_download: bool | None = None,
+                                progress: bool = True) -> Path:
+    """Find (or download) a torchvision ImageNet weights file: an explicit path, then ``$env_var``, then the torch
+    hub cache file, then a hash-checked download into that cache unless offline.
+
+    Args:
+        net: the network's name for messages ("VGG19").
+        weights: explicit path or None.
+        env_var: environment variable holding a path.
+        cached: torchvision's cache location of the file.
+        url, hash_prefix: download source and the sha256 prefix torch.hub checks.
+        how_to_supply: the end of every error message (how the user can provide the file).
+        allow_download: None -> allowed unless ``STYLECAST_OFFLINE=1``.
+        progress: show a download progress bar.
+    Raises:
+        VGGWeightsError: with a one-line message ending in how_to_supply.
+    """
+    if weights is None and os.environ.get(env_var):
+        weights = os.environ[env_var]
+    if weights is not None:
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise VGGWeightsError(f"{net} weights {p} not found; {how_to_supply}")
+        return p
+    if cached.is_file():
+        return cached
+    if allow_download is None:
+        allow_download = not offline()
+    if not allow_download:
+        raise VGGWeightsError(f"{net} ImageNet weights not found and downloads are disabled "
+                              f"({ENV_OFFLINE}=1); {how_to_supply}")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(cached), hash_prefix=hash_prefix, progress=progress)
+    except Exception as exc:  # URLError, timeouts, hash mismatch: one line, and nothing half-written
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise VGGWeightsError(f"could not download the {net} ImageNet weights ({str(exc)[:200]}); "
+                              f"{how_to_supply}") from None
+    return cached
+
+
 def resolve_vgg19_weights(weights: str | os.PathLike | None = None, allow_download: bool | None = None,
                           progress: bool = True) -> Path:
     """Find (or download) the VGG19 ImageNet weights file; see the module docstring for the search order.
@@ -275,30 +318,8 @@ def resolve_vgg19_weights(weights: str | os.PathLike | None = None, allow_downlo
     Raises:
         VGGWeightsError: with a one-line message saying how to supply the file.
     """
-    if weights is None and os.environ.get(ENV_WEIGHTS):
-        weights = os.environ[ENV_WEIGHTS]
-    if weights is not None:
-        p = Path(weights).expanduser()
-        if not p.is_file():
-            raise VGGWeightsError(f"VGG19 weights {p} not found; {_how_to_supply()}")
-        return p
-    cached = hub_cache_file()
-    if cached.is_file():
-        return cached
-    if allow_download is None:
-        allow_download = not offline()
-    if not allow_download:
-        raise VGGWeightsError(f"VGG19 ImageNet weights not found and downloads are disabled "
-                              f"({ENV_OFFLINE}=1); {_how_to_supply()}")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(VGG19_URL, str(cached), hash_prefix=VGG19_HASH_PREFIX, progress=progress)
-    except Exception as exc:  # URLError, timeouts, hash mismatch: one line, and nothing half-written
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        raise VGGWeightsError(f"could not download the VGG19 ImageNet weights ({str(exc)[:200]}); "
-                              f"{_how_to_supply()}") from None
-    return cached
+    return resolve_torchvision_weights("VGG19", weights, ENV_WEIGHTS, hub_cache_file(), VGG19_URL, VGG19_HASH_PREFIX,
+                                       _how_to_supply(), allow_download, progress)
 
 
 def load_vgg19(layers: Sequence[str], weights: str | os.PathLike | None = None, pooling: str = "max",
