@@ -3,12 +3,11 @@ for a frozen StyleGAN2 generator, in one process or under torchrun."""
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from pathlib import Path
-from typing import Iterator
 
 import click
+
+from ._training import dataset_warnings, resume_changes
 
 ENV_VGG16 = "STYLECAST_VGG16_WEIGHTS"
 # Official e4e values that the psp kind does not have (literal copies, so --help does not import torch).
@@ -31,26 +30,6 @@ _FIELDS = {
 }
 # Options that may change when a run is resumed.
 _RESUME_MUTABLE = {"steps", "snapshot_every", "log_every"}
-
-
-@contextlib.contextmanager
-def _dataset_warnings(limit: int = 10) -> Iterator[None]:
-    """Show each skipped data file as one 'warning:' line (the first `limit`)."""
-    from training.finetune.dataset import DatasetWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DatasetWarning)
-        try:
-            yield
-        finally:
-            skipped = [w for w in caught if issubclass(w.category, DatasetWarning)]
-            for w in skipped[:limit]:
-                click.echo(f"warning: {w.message}", err=True)
-            if len(skipped) > limit:
-                click.echo(f"warning: ... and {len(skipped) - limit} more unreadable files", err=True)
-            for w in caught:
-                if not issubclass(w.category, DatasetWarning):
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _align_loader():
@@ -213,19 +192,9 @@ def encoder(ctx: click.Context, generator: Path | None, kind: str, latent_space:
     try:
         if resume is not None:
             saved = read_config(resume)
-            changes = {}
-            for opt, field_name in _FIELDS.items():
-                src = ctx.get_parameter_source(opt)
-                if src is None or src.name not in ("COMMANDLINE", "ENVIRONMENT"):
-                    continue
-                new, old = values[field_name], getattr(saved, field_name)
-                if field_name in _RESUME_MUTABLE:
-                    changes[field_name] = new
-                elif new != old:
-                    raise ValueError(f"--{opt.replace('_', '-')} cannot change on --resume (run has {old!r}, "
-                                     f"got {new!r}); start a new run instead")
+            changes = resume_changes(ctx, _FIELDS, _RESUME_MUTABLE, values, saved)
             cfg = EncoderTrainConfig.from_dict({**saved.to_dict(), **changes})
-            with _dataset_warnings():
+            with dataset_warnings(env.is_main):
                 run = EncoderTrainer.resume(resume, cfg, env=env, loader=_align_loader() if cfg.align else None,
                                             progress=progress)
             if run.step >= cfg.steps:
@@ -247,7 +216,7 @@ def encoder(ctx: click.Context, generator: Path | None, kind: str, latent_space:
                 values["id_lambda"] = 0.0
             cfg = EncoderTrainConfig(**values)
             # Load everything before the run directory exists: a bad input leaves nothing behind.
-            with _dataset_warnings():
+            with dataset_warnings(env.is_main):
                 run = EncoderTrainer.start(cfg, env=env, loader=_align_loader() if align else None,
                                            progress=progress)
             run_dir = next_run_dir(outdir, f"{kind}-encoder") if env.is_main else None

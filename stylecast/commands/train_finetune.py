@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from pathlib import Path
-from typing import Iterator
 
 import click
+
+from ._training import dataset_warnings, resume_changes
 
 # CLI option -> FinetuneConfig field (None: not a config field).
 _FIELDS = {
@@ -19,27 +18,6 @@ _FIELDS = {
 }
 # Options that may change when a run is resumed.
 _RESUME_MUTABLE = {"kimg", "snapshot_kimg"}
-
-
-@contextlib.contextmanager
-def _dataset_warnings(show: bool = True, limit: int = 10) -> Iterator[None]:
-    """Show each skipped dataset file as one 'warning:' line (the first `limit`), also when loading fails (only
-    where `show`: the first process of a torchrun job)."""
-    from training.finetune.dataset import DatasetWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DatasetWarning)
-        try:
-            yield
-        finally:
-            skipped = [w for w in caught if issubclass(w.category, DatasetWarning)] if show else []
-            for w in skipped[:limit]:
-                click.echo(f"warning: {w.message}", err=True)
-            if len(skipped) > limit:
-                click.echo(f"warning: ... and {len(skipped) - limit} more unreadable files", err=True)
-            for w in caught:
-                if not issubclass(w.category, DatasetWarning):
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 @click.command(context_settings={"show_default": True})
@@ -131,19 +109,9 @@ def finetune(ctx: click.Context, checkpoint: Path | None, data: Path | None, kim
     try:
         if resume is not None:
             saved = read_config(resume)
-            changes = {}
-            for opt, field_name in _FIELDS.items():
-                src = ctx.get_parameter_source(opt)
-                if src is None or src.name not in ("COMMANDLINE", "ENVIRONMENT"):
-                    continue
-                new, old = values[field_name], getattr(saved, field_name)
-                if field_name in _RESUME_MUTABLE:
-                    changes[field_name] = new
-                elif new != old:
-                    raise ValueError(f"--{opt.replace('_', '-')} cannot change on --resume (run has {old!r}, "
-                                     f"got {new!r}); start a new run instead")
+            changes = resume_changes(ctx, _FIELDS, _RESUME_MUTABLE, values, saved)
             cfg = FinetuneConfig.from_dict({**saved.to_dict(), **changes})
-            with _dataset_warnings(env.is_main):
+            with dataset_warnings(env.is_main):
                 run = FinetuneRun.resume(resume, cfg, device=device, progress=progress and env.is_main, env=env)
             if run.cur_nimg >= cfg.total_nimg:
                 raise ValueError(f"{resume} already reached {run.cur_nimg / 1000:g} kimg; pass a larger --kimg")
@@ -159,7 +127,7 @@ def finetune(ctx: click.Context, checkpoint: Path | None, data: Path | None, kim
                 raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
             cfg = FinetuneConfig(**values)
             # Load the model and scan the data before creating the run directory: a bad input leaves nothing.
-            with _dataset_warnings(env.is_main):
+            with dataset_warnings(env.is_main):
                 run = FinetuneRun.start(cfg, device=device, progress=progress and env.is_main, env=env)
             run_dir = next_run_dir(outdir, f"finetune-{data.resolve().name}") if env.is_main else None
             run_dir = dist.broadcast_object(run_dir, env)
