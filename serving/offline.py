@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from protos.manifest import MANIFEST_NAME, load_manifest
+from protos.manifest import MANIFEST_NAME, ManifestError, load_manifest
 
 from . import codecs
 from . import latents as L
@@ -66,6 +66,26 @@ def _load(bundle: Path, threads: int, golden_check: bool) -> LatentModel:
                                         golden_check=golden_check)
 
 
+def find_encoder_bundle(bundle: Path, latent_space: str, preferred: str | None = None) -> Path | None:
+    """A bundle next to `bundle` (in the same model repository) whose encoder serves `latent_space`, as the server
+    would choose it: the one named `preferred` (the manifest's encoder_from) if it qualifies, else the first by
+    directory name; None when there is none. Unreadable neighbours are skipped."""
+    found: list[tuple[str, Path]] = []
+    for d in sorted(bundle.resolve().parent.iterdir()):
+        if d.name.startswith(".") or not d.is_dir() or d.resolve() == bundle.resolve():
+            continue
+        try:
+            m = load_manifest(d)
+        except (ManifestError, OSError, ValueError):
+            continue
+        if "encoder" in m.get("graphs", {}) and m.get("model", {}).get("latent_space") == latent_space:
+            found.append((m["name"], d))
+    for name, d in found:
+        if name == preferred:
+            return d
+    return found[0][1] if found else None
+
+
 class BundleStylizer:
     """A golden-checked stylegan2 / dualstylegan bundle and the encoder serving it (its own encoder.onnx, or that of
     `encoder_bundle`, which must declare the same latent space), run through the server's photo-path steps (encoder
@@ -78,6 +98,9 @@ class BundleStylizer:
 
         self.model = _load(Path(bundle), threads, golden_check)
         self.encoder_model = self.model
+        if encoder_bundle is None and self.model.encoder is None and self.model.latent_space:
+            encoder_bundle = find_encoder_bundle(Path(bundle), self.model.latent_space,
+                                                 self.model.manifest["model"].get("encoder_from"))
         if encoder_bundle is not None:
             enc = _load(Path(encoder_bundle), threads, golden_check)
             self.encoder_model = enc
@@ -88,8 +111,9 @@ class BundleStylizer:
                 raise ValueError(f"{encoder_bundle}: its encoder serves latent space {enc.latent_space!r}, the model "
                                  f"{Path(bundle)} takes {self.model.latent_space or '(none declared)'!r}")
         elif self.model.encoder is None:
-            raise ValueError(f"{bundle}: the bundle has no encoder.onnx; give a bundle with an encoder for its latent "
-                             f"space {self.model.latent_space!r}" if self.model.latent_space else
+            raise ValueError(f"{bundle}: the bundle has no encoder.onnx and no bundle next to it serves its latent "
+                             f"space {self.model.latent_space!r}; give one with an encoder for that space"
+                             if self.model.latent_space else
                              f"{bundle}: the bundle has no encoder.onnx and declares no latent space")
         self.loop = asyncio.new_event_loop()
         self.run(self.model.start(None, None))

@@ -186,3 +186,10 @@ def test_bundle_without_encoder_takes_another_bundles_encoder(files, tmp_path, c
     assert np.array_equal(read(tmp_path / "own.png"), read(tmp_path / "shared.png"))
     code, out = cli([*args, "-m", shared, "--out", tmp_path / "none.png"])
     assert code == 2 and "has no encoder.onnx" in out and "'toon'" in out, out
+    # In a model repository (the encoder's bundle next to it) it is found as the server finds it.
+    import shutil
+    shutil.copytree(files["bundle"], tmp_path / "repo" / "with-encoder")
+    shutil.copytree(shared, tmp_path / "repo" / "shared")
+    code, out = cli([*args, "-m", tmp_path / "repo" / "shared", "--out", tmp_path / "found.png"])
+    assert code == 0, out
+    assert np.array_equal(read(tmp_path / "own.png"), read(tmp_path / "found.png"))
