@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     import onnxruntime as ort
 
     from export.onnx_export import export_mapping, export_synthesis, img_to_uint8, simplify
-    from stylecast.util import next_run_dir
+    from common.files import next_run_dir
     from training.networks import Generator, GeneratorConfig
 
     torch.set_num_threads(args.threads)

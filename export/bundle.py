@@ -17,7 +17,7 @@ import torch
 
 from protos.manifest import (BUNDLE_FORMAT, GOLDEN_NAME, MANIFEST_NAME, NAME_RE, ManifestError, check_bundle_files,
                              load_manifest)
-from stylecast.util import atomic_directory, sha256_file
+from common.files import atomic_directory, sha256_file
 from training.checkpoints import Checkpoint, load_checkpoint
 from training.networks.stylegan2 import Generator, seeds_to_z
 
@@ -130,7 +130,7 @@ def build_bundle(checkpoint: str | Path | Checkpoint, out: str | Path, options: 
 
 def _manifest(name: str, ckpt: Checkpoint, G: Generator, opts: BundleOptions, graphs: dict, engines: list,
               tmp: Path) -> dict[str, Any]:
-    from stylecast import __version__
+    from common.version import stylecast_version
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
     return {
@@ -138,7 +138,7 @@ def _manifest(name: str, ckpt: Checkpoint, G: Generator, opts: BundleOptions, gr
         "name": name,
         "kind": "stylegan2",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "stylecast_version": __version__,
+        "stylecast_version": stylecast_version(),
         "opset": opts.opset,
         "model": {
             "resolution": G.resolution, "z_dim": G.z_dim, "w_dim": G.w_dim, "num_ws": G.num_ws,

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from protos.manifest import (BUNDLE_FORMAT, DUALSTYLE_TRUNCATION, GOLDEN_NAME, MANIFEST_NAME, NAME_RE,
                              load_manifest)
-from stylecast.util import atomic_directory, sha256_file
+from common.files import atomic_directory, sha256_file
 from training.checkpoints import checkpoint_sha256
 from training.dualstyle import (DualStyleGAN, colour_only_weights, load_dualstylegan, load_exstyle_codes)
 from training.networks.stylegan2 import seeds_to_z
@@ -237,7 +237,7 @@ def build_dualstyle_bundle(checkpoint: str | Path, styles: str | Path, out: str 
 def _manifest(name: str, checkpoint: str | Path, styles: str | Path, model: DualStyleGAN,
               opts: DualStyleBundleOptions, weights: list[float], graphs: dict, names: list[str],
               tmp: Path) -> dict[str, Any]:
-    from stylecast import __version__
+    from common.version import stylecast_version
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
     ckpt, styles = Path(checkpoint), Path(styles)
@@ -247,7 +247,7 @@ def _manifest(name: str, checkpoint: str | Path, styles: str | Path, model: Dual
         "name": name,
         "kind": "dualstylegan",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "stylecast_version": __version__,
+        "stylecast_version": stylecast_version(),
         "opset": opts.opset,
         "model": {
             "resolution": g.resolution, "z_dim": g.z_dim, "w_dim": g.w_dim, "num_ws": g.num_ws,

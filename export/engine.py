@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from stylecast.util import atomic_write_bytes, sha256_file
+from common.files import atomic_write_bytes, sha256_file
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 INSTALL_HINT = ("install TensorRT-RTX (`pip install tensorrt-rtx-cu13`, builds ahead of time without a GPU) or "

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from protos.manifest import BUNDLE_FORMAT, GOLDEN_NAME, MANIFEST_NAME, NAME_RE, load_manifest
-from stylecast.util import atomic_directory, sha256_file
+from common.files import atomic_directory, sha256_file
 from training.style.fast_style import MIN_SIZE, TransformerNet, load_fast_style
 
 STYLIZER_FILE = "stylizer.onnx"
@@ -142,11 +142,11 @@ def build_fast_style_bundle(checkpoint_or_run_dir: str | Path, out: str | Path, 
         np.savez(tmp / GOLDEN_NAME, **feeds)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
-        from stylecast import __version__
+        from common.version import stylecast_version
         manifest = {
             "format": BUNDLE_FORMAT, "name": name, "kind": "fast_style",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "stylecast_version": __version__, "opset": opset,
+            "stylecast_version": stylecast_version(), "opset": opset,
             "description": description,
             "model": {"max_size": max_size, "min_size": MIN_SIZE, "config": net.cfg.to_dict()},
             "source": _source(src), "files": files, "graphs": {"stylizer": graph}, "engines": [],

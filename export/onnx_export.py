@@ -129,8 +129,8 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
 
 
 def _version() -> str:
-    from stylecast import __version__
-    return __version__
+    from common.version import stylecast_version
+    return stylecast_version()
 
 
 def simplify(path: Path) -> bool:

@@ -266,7 +266,7 @@ def check_bundle_files(bundle: str | Path, manifest: dict, ignore_hidden: bool =
     Returns:
         one message per problem (empty when the files are intact).
     """
-    from stylecast.util import sha256_file
+    from common.files import sha256_file
 
     bundle = Path(bundle)
     problems = []

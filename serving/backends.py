@@ -293,7 +293,7 @@ def resolve_plugins(bundle: Path, engine: dict, manifest_files: dict, search: li
 
     A plugin with a `file` comes from the bundle; one without is looked up by checksum in STYLECAST_TRT_PLUGIN_PATH.
     """
-    from stylecast.util import sha256_file
+    from common.files import sha256_file
     out = []
     if search is None:
         search = [Path(p) for p in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep) if p]

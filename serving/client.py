@@ -49,7 +49,7 @@ class GeneratedImage:
         return decode(self.data, self.format, self.width, self.height)
 
     def save(self, path: str | Path) -> Path:
-        from stylecast.util import atomic_write_bytes
+        from common.files import atomic_write_bytes
         atomic_write_bytes(path, self.data)
         return Path(path)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from protos.manifest import GOLDEN_NAME
-from stylecast.faces import to_rgb_u8
+from common.faces import to_rgb_u8
 
 from .backends import OrtGraph, img_to_u8, ort_available_providers, u8_to_img
 from .batcher import BatchItem, DynamicBatcher
@@ -38,7 +38,7 @@ INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 def decode_image(data: bytes, max_side: int, max_pixels: int | None = None) -> np.ndarray:
     """PNG / JPEG / WebP bytes -> img_u8 [H, W, 3] (EXIF orientation applied; grayscale, alpha over white,
-    palette and 16-bit images converted to RGB8 by stylecast.faces.to_rgb_u8). Blocking.
+    palette and 16-bit images converted to RGB8 by common.faces.to_rgb_u8). Blocking.
 
     The size is checked from the header before any pixel is decoded (decompression bombs never expand).
 

@@ -9,19 +9,19 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import InvalidArgument
+from common import seeds as _seeds
+from common.seeds import MAX_SEED  # noqa: F401  (front ends check seed ranges against it)
 
-MAX_SEED = 2**32 - 1
+from .errors import InvalidArgument
 
 
 def seeds_to_z(seeds: Sequence[int], z_dim: int) -> np.ndarray:
-    """[len(seeds), z_dim] float32: RandomState(seed).randn(1, z_dim) per seed, as NVlabs and training do."""
-    for s in seeds:
-        if not 0 <= int(s) <= MAX_SEED:
-            raise InvalidArgument(f"seed {s} out of range 0..{MAX_SEED}")
-    if not len(seeds):
-        return np.zeros((0, z_dim), np.float32)
-    return np.concatenate([np.random.RandomState(int(s)).randn(1, z_dim).astype(np.float32) for s in seeds], 0)
+    """[len(seeds), z_dim] float32 by the project's one rule (`common.seeds.seed_to_z`); a bad seed is
+    INVALID_ARGUMENT."""
+    try:
+        return _seeds.seeds_to_z(seeds, z_dim)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def broadcast(w: np.ndarray, num_ws: int) -> np.ndarray:

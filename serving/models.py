@@ -172,7 +172,7 @@ class LatentModel(LoadedModel):
     def warm_face_models(self) -> None:
         """Load dlib's face models now (once per process, ~1 s), not on the first Stylize request. Missing models
         only disable Stylize (it answers FAILED_PRECONDITION); Generate keeps working."""
-        from stylecast.faces import FaceModelsError, get_aligner
+        from common.faces import FaceModelsError, get_aligner
         try:
             get_aligner()
         except FaceModelsError as exc:

@@ -135,7 +135,7 @@ class BundleStylizer:
     def stylize(self, photo_u8: np.ndarray, aligned: list, psi: float | None = None, style=None,
                 exemplar_ws: np.ndarray | None = None, composite: str = "paste",
                 feather: float = 0.08) -> tuple[np.ndarray, np.ndarray]:
-        """Aligned faces of a photo (stylecast.faces.AlignedFace at encoder_size) -> (the photo with the stylized
+        """Aligned faces of a photo (common.faces.AlignedFace at encoder_size) -> (the photo with the stylized
         faces pasted back, or the first crop; every crop [F, R, R, 3]).
 
         Args:

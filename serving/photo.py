@@ -7,7 +7,7 @@ One path for both kinds: everything up to the encoded W+ codes is shared, and th
 `render_faces(ws, psi, deadline, stats, style, exemplar_ws)` (stylegan2: psi towards w_avg, synthesis; dualstylegan:
 psi towards 0, the extrinsic style, dualstyle synthesis). The blocking steps (`decode`, `find_faces`, `composite`)
 run in the server's encode thread pool; the encoder and the synthesis run through their models' dynamic batchers.
-`stylecast.faces` does the geometry (torch-free).
+`common.faces` does the geometry (torch-free).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protos.stylecast.v1 import style_pb2 as pb
-from stylecast import faces as F
+from common import faces as F
 
 from .errors import InvalidArgument, ServingError
 from .fast_style_model import decode_image

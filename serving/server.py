@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from common.version import stylecast_version
 from protos.stylecast.v1 import style_pb2, style_pb2_grpc
 
 from .auth import BearerTokenInterceptor
@@ -38,12 +39,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _version() -> str:
-    try:
-        from stylecast import __version__
-        return str(__version__)
-    except ImportError:
-        return ""
 
 
 def bind_address(host: str, port: int) -> str:
@@ -91,7 +86,7 @@ class StyleServer:
         style_pb2_grpc.add_StyleServiceServicer_to_server(
             StyleServicer(repo, cfg.limits, self.metrics, self._encode_pool), server)
         kserve.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            kserve.KServeServicer(repo, cfg.limits, self.metrics, server_ready=self._ready, version=_version(),
+            kserve.KServeServicer(repo, cfg.limits, self.metrics, server_ready=self._ready, version=stylecast_version(),
                                   encode_pool=self._encode_pool), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, kserve.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

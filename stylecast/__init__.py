@@ -1,3 +1,2 @@
-"""stylecast: StyleGAN stylization from training to exported, served inference (package metadata + CLI)."""
-
-__version__ = "0.1.0"
+"""stylecast: the command-line package (the top floor; nothing else imports it). The version comes from the
+package metadata: `common.version.stylecast_version()`."""

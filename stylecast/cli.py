@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from . import __version__
+from common.version import stylecast_version
 
 # name -> "module:attribute"; modules live in stylecast/commands/ and are imported on first use.
 COMMANDS: dict[str, str] = {
@@ -86,7 +86,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "sho
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings=CONTEXT)
-@click.version_option(__version__, prog_name="stylecast")
+@click.version_option(stylecast_version(), prog_name="stylecast")
 def cli() -> None:
     """stylecast: train, export and serve StyleGAN stylizers.
 

@@ -1,4 +1,4 @@
-"""The `stylecast` CLI foundation (generate, convert, info, error handling, help) and stylecast.util."""
+"""The `stylecast` CLI foundation (generate, convert, info, error handling, help) and common.files / common.seeds."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from stylecast.cli import main
-from stylecast.util import atomic_directory, atomic_write_bytes, next_run_dir, parse_seeds
+from common.files import atomic_directory, atomic_write_bytes, next_run_dir
+from common.seeds import parse_seeds
 from training.checkpoints import load_checkpoint, save_native, save_rosinality
 from training.networks import seeds_to_z
 
@@ -246,7 +247,7 @@ def test_help_lists_subcommands():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# stylecast.util
+# common.files / common.seeds
 
 
 @pytest.mark.parametrize("spec,want", [

@@ -12,11 +12,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # package -> top-level modules it must never import
+# `common` is the ground floor (torch-free, imports no layer); `stylecast` is the CLI at the top, imported by nobody.
+LAYERS = {"training", "export", "serving", "protos", "benchmarks", "stylecast"}
 FORBIDDEN = {
-    "serving": {"torch", "torchvision", "training", "export", "open_clip"},
-    "training": {"export", "serving", "benchmarks"},
-    "protos": {"torch", "training", "export", "serving"},
-    "export": {"serving"},
+    "common": LAYERS | {"torch", "torchvision", "open_clip", "onnxruntime", "grpc"},
+    "serving": {"torch", "torchvision", "training", "export", "open_clip", "stylecast"},
+    "training": {"export", "serving", "benchmarks", "stylecast"},
+    "protos": {"torch", "training", "export", "serving", "stylecast"},
+    "export": {"serving", "stylecast"},
+    "benchmarks": {"stylecast"},
 }
 # training.ops is a leaf: torch, numpy and itself only
 OPS_ALLOWED_PROJECT = {"training.ops"}

@@ -65,5 +65,5 @@ def encode_png(img_u8: np.ndarray) -> bytes:
 
 def save_png(path: str | Path, img_u8: np.ndarray) -> None:
     """Write a PNG atomically."""
-    from stylecast.util import atomic_write_bytes
+    from common.files import atomic_write_bytes
     atomic_write_bytes(path, encode_png(img_u8))

@@ -81,7 +81,7 @@ def blend(base_path: Path | None, other_path: Path | None, resolution: int | Non
     import numpy as np
     import torch
 
-    from stylecast.util import parse_seeds
+    from common.seeds import parse_seeds
     from training import blend as B
     from training.checkpoints import load_checkpoint, save_native, save_rosinality
     from training.generate import generate_images, make_grid, save_png

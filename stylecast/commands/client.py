@@ -181,7 +181,7 @@ def generate_cmd(model: str, seeds: str, outdir: Path, psi: float | None, cutoff
       stylecast client generate --model cartoon --seeds 0-3 --style-id 53 --psi 0.75 --outdir out/
     """
     from serving.client import parse_size
-    from stylecast.util import parse_seeds
+    from common.seeds import parse_seeds
     seed_list = parse_seeds(seeds)
     dims = parse_size(size)
     style_kw = _style_kwargs(style_id, style_image, weights, preserve_color)
@@ -213,7 +213,7 @@ def stream_cmd(model: str, seeds: str | None, interpolate: str | None, steps: in
       stylecast client stream --model demo --interpolate 0,7 --steps 60 --outdir frames/
     """
     from serving.client import parse_size
-    from stylecast.util import parse_seeds
+    from common.seeds import parse_seeds
     if (seeds is None) == (interpolate is None):
         raise ValueError("give either --seeds or --interpolate")
     dims = parse_size(size)

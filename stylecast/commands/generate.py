@@ -32,7 +32,7 @@ def generate(checkpoint: Path, seeds: str, psi: float, cutoff: int | None, noise
 
     import torch
 
-    from stylecast.util import parse_seeds
+    from common.seeds import parse_seeds
     from training.checkpoints import load_checkpoint
     from training.generate import generate_images, make_grid, save_png
 

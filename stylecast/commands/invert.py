@@ -71,8 +71,8 @@ def invert(photo: Path, checkpoint: Path, outdir: Path, face: str, align: bool, 
     import numpy as np
     import torch
 
-    from stylecast import faces
-    from stylecast.util import atomic_write_bytes, atomic_write_json, next_run_dir
+    from common import faces
+    from common.files import atomic_write_bytes, atomic_write_json, next_run_dir
     from training.checkpoints import load_checkpoint
     from training.generate import encode_png
     from training.inversion.invert import (CONFIG_FORMAT, InvertConfig, img_to_u8, invert_face, resize_square_u8,

@@ -1,7 +1,7 @@
 """`stylecast stylize`: exemplar-based portrait style transfer of face photos with a DualStyleGAN (Yang et al.,
 "Pastiche Master: Exemplar-Based High-Resolution Portrait Style Transfer", CVPR 2022), locally.
 
-Two back ends, one pipeline (FFHQ alignment with stylecast.faces at the encoder's size, encoder -> W+, psi towards 0,
+Two back ends, one pipeline (FFHQ alignment with common.faces at the encoder's size, encoder -> W+, psi towards 0,
 the extrinsic style, synthesis, paste-back):
 
 - `--model` a DualStyleGAN checkpoint (official generator.pt or a stylecast directory): PyTorch, with `--styles`
@@ -118,7 +118,7 @@ class _TorchBackend:
                weights: list[float], preserve_color: bool, composite: str, feather: float):
         import torch
 
-        from stylecast import faces as F
+        from common import faces as F
         from training.dualstyle import preserve_colour_codes
 
         dev = self.device
@@ -216,8 +216,8 @@ def stylize(model_path: Path, contents: tuple[Path, ...], style_id: str | None, 
           --preserve-color --face all -o out/
       stylecast stylize -m models/cartoon -i me.jpg --style-image painting.png --out me-painted.png
     """
-    from stylecast import faces as F
-    from stylecast.util import atomic_write_bytes, atomic_write_json, next_run_dir
+    from common import faces as F
+    from common.files import atomic_write_bytes, atomic_write_json, next_run_dir
 
     # -- everything the user gave is checked before any model loads or file is written --------------------------
     if (outdir is None) == (out is None):

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import click
 
-from stylecast.util import parse_seeds
+from common.seeds import parse_seeds
 
 CONTEXT = {"show_default": True, "max_content_width": 110}
 # Literal copies of training defaults, so that --help does not import torch.
@@ -73,7 +73,7 @@ def _codes(codes: Path | None, exstyle: Path | None, instyle: Path | None) -> tu
 def align_style_images(files: list[Path], resolution: int) -> list[Any]:
     """--align: FFHQ-align every style image with dlib (largest face) -> img_u8 [R, R, 3] each; all images are
     checked before any training starts, and faceless ones are one error."""
-    from stylecast.faces import FaceError, align_photo, get_aligner, read_image
+    from common.faces import FaceError, align_photo, get_aligner, read_image
 
     aligner = get_aligner()
     out, failed = [], []

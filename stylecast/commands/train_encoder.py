@@ -33,8 +33,8 @@ _RESUME_MUTABLE = {"steps", "snapshot_every", "log_every"}
 
 
 def _align_loader():
-    """(path, size) -> the largest face of the image, FFHQ-aligned at size (dlib via stylecast.faces)."""
-    from stylecast import faces
+    """(path, size) -> the largest face of the image, FFHQ-aligned at size (dlib via common.faces)."""
+    from common import faces
 
     aligner = faces.get_aligner()  # fails here, once, when dlib or its models are missing
 
@@ -49,7 +49,7 @@ def _resolve_id(spec: str, id_lambda: float) -> str:
     if id_lambda == 0 or spec == "none":
         return "none"
     if spec == "auto":
-        from stylecast import faces
+        from common import faces
         try:
             faces.model_path(faces.FACE_ID_RESNET)
         except faces.FaceError:
@@ -152,7 +152,7 @@ def encoder(ctx: click.Context, generator: Path | None, kind: str, latent_space:
     """
     import math
 
-    from stylecast.util import next_run_dir
+    from common.files import next_run_dir
     from training import distributed as D
     from training.inversion.encoder_trainer import (EncoderDivergedError, EncoderTrainConfig, EncoderTrainer,
                                                     read_config, write_config)

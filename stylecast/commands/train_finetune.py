@@ -80,7 +80,8 @@ def finetune(ctx: click.Context, checkpoint: Path | None, data: Path | None, kim
 
     import torch
 
-    from stylecast.util import next_run_dir, parse_seeds
+    from common.files import next_run_dir
+    from common.seeds import parse_seeds
     from training import distributed as dist
     from training.finetune.trainer import FinetuneConfig, FinetuneRun, read_config, write_config
 

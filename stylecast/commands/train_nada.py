@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from stylecast.util import parse_seeds
+from common.seeds import parse_seeds
 
 # Literal copies of training.nada's defaults, so `stylecast train --help` does not import torch.
 OFFICIAL_LR = 0.002 * 4 / 5

@@ -109,7 +109,7 @@ def gatys(content: Path, styles: tuple[Path, ...], style_blend_weights: str, out
       stylecast train gatys --content me.jpg --style starry_night.jpg --vgg-weights vgg19-dcbb9e9d.pth \\
           --scales 256,512 --iterations 500,200 --original-colors --out runs/
     """
-    from stylecast.util import atomic_write_json, next_run_dir
+    from common.files import atomic_write_json, next_run_dir
     from training.style.gatys import GATYS_FORMAT, GatysConfig, check_inputs, stylize
     from training.style.images import load_image, save_image
     from training.style.vgg import load_vgg19
@@ -224,7 +224,7 @@ def fast_style(style: Path | None, data: Path | None, out: Path, name: str | Non
           --epochs 2 --out runs/
       stylecast train fast-style --resume runs/00004-fast-style-starry_night
     """
-    from stylecast.util import next_run_dir
+    from common.files import next_run_dir
     from training import distributed as dist
     from training.style.data import find_images
     from training.style.fast_style import (FastStyleConfig, iterations_for_epochs, read_run_config,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from stylecast import faces as F
+from common import faces as F
 
 pytestmark = pytest.mark.timeout(300)
 

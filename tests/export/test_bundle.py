@@ -49,7 +49,7 @@ def _mapping_sha(bundle: Path) -> str:
 
 
 def test_bundle_contents_and_manifest(bundle, export_ckpt, tiny_G):
-    from stylecast.util import sha256_file
+    from common.files import sha256_file
     from training.checkpoints import checkpoint_sha256
     doc = json.loads((bundle / "manifest.json").read_text())
     assert validate_manifest(doc) == []
@@ -144,7 +144,7 @@ def test_verify_rejects_tampered_bundle(bundle, tmp_path, cli, tamper, expected)
 
 def test_verify_rejects_golden_outputs_that_the_graphs_do_not_reproduce(bundle, tmp_path, cli):
     """A consistently re-hashed bundle whose golden image is off by 0.01 fails on numbers, not on hashes."""
-    from stylecast.util import sha256_file
+    from common.files import sha256_file
     b = _copy(bundle, tmp_path)
     golden = dict(np.load(b / "golden.npz"))
     golden["img"] = golden["img"] + np.float32(0.01)

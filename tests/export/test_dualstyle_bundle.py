@@ -58,7 +58,7 @@ def _manifest(b: Path) -> dict:
 
 
 def _rehash(b: Path, fname: str) -> None:
-    from stylecast.util import sha256_file
+    from common.files import sha256_file
     m = _manifest(b)
     m["files"][fname] = {"sha256": sha256_file(b / fname), "bytes": (b / fname).stat().st_size}
     (b / "manifest.json").write_text(json.dumps(m, indent=2))

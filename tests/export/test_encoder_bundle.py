@@ -69,7 +69,7 @@ def test_verify_checks_the_encoder(face_bundle, tmp_path, cli):
     assert code == 0, out
     assert any(line.startswith("ok") and "encoder" in line for line in out.splitlines()), out
     # Golden ws that the graph does not reproduce (re-hashed, so only the numbers are wrong) fail verify.
-    from stylecast.util import sha256_file
+    from common.files import sha256_file
     b = shutil.copytree(face_bundle, tmp_path / "face")
     gold = dict(np.load(b / "golden.npz"))
     gold["enc_ws"] = gold["enc_ws"] + np.float32(0.01)

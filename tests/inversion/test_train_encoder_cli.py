@@ -71,7 +71,7 @@ def test_train_encoder_run_resume_and_init(tmp_path, cli, offline, gen_ckpt, tin
 
 def test_train_encoder_align_on_load(tmp_path, cli, offline, gen_ckpt, astronaut_file, gradient_file,
                                      vgg16_random_file):
-    from stylecast import faces
+    from common import faces
 
     data = tmp_path / "photos"
     data.mkdir()

@@ -2,7 +2,7 @@
 id, an uploaded exemplar, preserve_color, colour-only and all-zero weights, StylizeStream, KServe v2, the error codes,
 and a refused bundle.
 
-Every image is compared with the pipeline assembled here by hand from its parts (stylecast.faces for the geometry,
+Every image is compared with the pipeline assembled here by hand from its parts (common.faces for the geometry,
 ONNX Runtime sessions opened directly on the bundle files, numpy for psi * w and the style rows), so a wrong style row,
 wrong weights, a truncation towards w_avg instead of 0, a wrong preserve_color or a wrong encoder shows up as a pixel
 difference. All-zero weights are also compared with the stylegan2 bundle of the same base generator.
@@ -23,7 +23,7 @@ import torch
 
 from protos.stylecast.v1 import style_pb2 as pb
 from serving.client import dualstyle_options, face_options, latents, output_options
-from stylecast import faces as F
+from common import faces as F
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -147,7 +147,7 @@ class Reference:
         self._aligned: dict[int, list] = {}
 
     def align(self, photo: np.ndarray) -> list:
-        """stylecast.faces alignment at the encoder's size (cached per photo array: dlib is the slow part)."""
+        """common.faces alignment at the encoder's size (cached per photo array: dlib is the slow part)."""
         if id(photo) not in self._aligned:
             self._aligned[id(photo)] = F.align_photo(photo, size=ENC_SIZE)
         return self._aligned[id(photo)]

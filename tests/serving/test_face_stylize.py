@@ -1,7 +1,7 @@
 """Stylize / StylizeStream on face models through a real server: the astronaut and Grace Hopper photos are detected,
 FFHQ-aligned, encoded by the bundle's encoder.onnx, rendered by the chosen (possibly adapted) model and pasted back.
 
-The reference for every image is the same pipeline assembled here by hand from its parts (stylecast.faces for the
+The reference for every image is the same pipeline assembled here by hand from its parts (common.faces for the
 geometry, ONNX Runtime sessions opened directly on the bundle files), so a wrong encoder, a wrong latent space, a
 wrong face, a wrong paste or a wrong resize in the server shows up as a pixel difference.
 """
@@ -22,7 +22,7 @@ import pytest
 
 from protos.stylecast.v1 import style_pb2 as pb
 from serving.client import face_options, output_options
-from stylecast import faces as F
+from common import faces as F
 
 pytestmark = pytest.mark.timeout(300)
 

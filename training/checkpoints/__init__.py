@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stylecast.util import atomic_directory, atomic_write_bytes, sha256_file
+from common.files import atomic_directory, atomic_write_bytes, sha256_file
 from training.networks.stylegan2 import (Discriminator, DiscriminatorConfig, Generator, GeneratorConfig,
                                          seeds_to_z)
 

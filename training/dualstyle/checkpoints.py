@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as safetensors_load_bytes
 from safetensors.numpy import save as safetensors_save_bytes
 
-from stylecast.util import atomic_directory, atomic_write_bytes
+from common.files import atomic_directory, atomic_write_bytes
 from training.checkpoints import (CheckpointError, _load_exact, _read_safetensors, _save_tensors, _torch_load_safe,
                                   generator_from_rosinality, generator_to_rosinality, infer_rosinality_config,
                                   read_native_config)

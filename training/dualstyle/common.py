@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stylecast.util import atomic_write_bytes, atomic_write_json
+from common.files import atomic_write_bytes, atomic_write_json
 from training.networks.stylegan2 import Generator
 
 #: VGG19 layers every stage reads (official model/vgg.py slices relu1_1, relu2_1, relu3_1, relu4_1, relu5_1; the

@@ -48,7 +48,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from stylecast.util import atomic_directory, next_run_dir
+from common.files import atomic_directory, next_run_dir
 from training.finetune.trainer import step_seed
 from training.generate import make_grid, save_png, to_uint8
 from training.inversion.encoders import z_plus_to_ws
@@ -61,7 +61,7 @@ from .common import (LOSS_SIZE, CodeEncoder, DualStyleDivergedError, LossNets, a
 from .losses import contextual_loss
 from .model import DualStyleGAN
 
-#: (style image files, R) -> their FFHQ-aligned crops, img_u8 [R, R, 3] each (the CLI builds one on stylecast.faces).
+#: (style image files, R) -> their FFHQ-aligned crops, img_u8 [R, R, 3] each (the CLI builds one on common.faces).
 Aligner = Callable[[list[Path], int], list[np.ndarray]]
 
 DESTYLIZE_FORMAT = "stylecast.dualstylegan-destylize/v1"
@@ -361,11 +361,11 @@ class DestylizeRun(_CodeRun):
         self.resolution = G_base.resolution
         self._mean_z: torch.Tensor | None = None
         # --align: every image is aligned up front, so a folder with faceless images fails before any work.
-        # Face detection lives outside training (stylecast.faces, supplied by the command).
+        # Face detection lives outside training (common.faces, supplied by the command).
         self.aligned = None
         if cfg.align:
             if aligner is None:
-                raise ValueError("--align needs a face aligner (the CLI supplies stylecast.faces)")
+                raise ValueError("--align needs a face aligner (the CLI supplies common.faces)")
             self.aligned = aligner(files, self.resolution)
 
     @classmethod

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from stylecast.util import atomic_directory, next_run_dir
+from common.files import atomic_directory, next_run_dir
 from training import distributed as dist_utils
 from training.finetune.losses import d_logistic_loss, g_nonsaturating_loss, r1_loss
 from training.finetune.trainer import load_optimizer_tensors, optimizer_tensors, step_seed

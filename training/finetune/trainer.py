@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from stylecast.util import atomic_directory, atomic_write_json
+from common.files import atomic_directory, atomic_write_json
 from training import distributed as dist
 from training.checkpoints import load_checkpoint, save_native, save_rosinality
 from training.generate import generate_images, make_grid, save_png, to_uint8

@@ -64,7 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from stylecast.util import atomic_directory, atomic_write_json
+from common.files import atomic_directory, atomic_write_json
 from training import distributed as D
 from training.checkpoints import load_checkpoint
 from training.networks.stylegan2 import Generator, SynthesisLayer, seeds_to_z, truncate
@@ -622,7 +622,7 @@ class EncoderTrainer:
         if cfg.data is None:
             return None
         if cfg.align and loader is None:
-            raise ValueError("--align needs a face-aligning loader (the CLI supplies stylecast.faces)")
+            raise ValueError("--align needs a face-aligning loader (the CLI supplies common.faces)")
         return FaceFolder(cfg.data, size, loader=loader, mirror=cfg.mirror, seed=cfg.seed, progress=progress)
 
     # ---- pieces

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stylecast.util import atomic_directory, atomic_write_bytes
+from common.files import atomic_directory, atomic_write_bytes
 from training.checkpoints import (CheckpointError, _torch_load_safe, checkpoint_sha256, generator_from_rosinality,
                                   generator_to_rosinality, read_native_config)
 from training.inversion.irse import IRSEConfig, build_body, build_input_layer, infer_irse_config, key_list, load_exact

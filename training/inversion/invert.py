@@ -3,7 +3,7 @@ Tov et al., SIGGRAPH 2021; z+ encoders as DualStyleGAN, Yang et al., CVPR 2022) 
 projector (Karras et al., "Analyzing and Improving the Image Quality of StyleGAN", CVPR 2020, Sec. 5), plus the
 artefacts `stylecast invert` writes for it (latents, noise maps, images, metrics, progress grid and GIF).
 
-Torch-only: face detection and alignment happen before (stylecast.faces, in the command), so this module receives
+Torch-only: face detection and alignment happen before (common.faces, in the command), so this module receives
 an aligned crop at the generator's resolution.
 
 Per face, `write_face_outputs` builds one directory atomically:
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stylecast.util import atomic_directory
+from common.files import atomic_directory
 from training.networks.stylegan2 import Generator
 
 from .encoders import GradualStyleEncoder, check_encoder_fits, codes_to_ws

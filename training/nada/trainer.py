@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from stylecast.util import atomic_write_bytes, atomic_write_json, next_run_dir
+from common.files import atomic_write_bytes, atomic_write_json, next_run_dir
 from training import distributed as dist
 from training.checkpoints import load_checkpoint, save_native, save_rosinality
 from training.generate import make_grid, save_png, to_uint8

@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import seeds as _seeds
+from common.seeds import seed_to_z
 from training.ops import bias_act, downsample2d, modulated_conv2d, setup_filter, upfirdn2d
 
 NOISE_MODES = ("const", "random", "none")
@@ -364,14 +365,9 @@ def mix_styles(ws_a: torch.Tensor, ws_b: torch.Tensor, crossover: int) -> torch.
     return torch.cat([ws_a[:, :crossover], ws_b[:, crossover:]], dim=1)
 
 
-def seed_to_z(seed: int, z_dim: int) -> np.ndarray:
-    """The project-wide seed -> z rule (as NVlabs): RandomState(seed).randn(1, z_dim), float32 [1, z_dim]."""
-    return np.random.RandomState(seed).randn(1, z_dim).astype(np.float32)
-
-
 def seeds_to_z(seeds: Sequence[int], z_dim: int) -> torch.Tensor:
-    """[len(seeds), z_dim] float32 tensor, one row per seed."""
-    return torch.from_numpy(np.concatenate([seed_to_z(s, z_dim) for s in seeds], axis=0))
+    """[len(seeds), z_dim] float32 tensor, one row per seed, by the project's one rule (`common.seeds.seed_to_z`)."""
+    return torch.from_numpy(_seeds.seeds_to_z(list(seeds), z_dim))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stylecast.util import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
+from common.files import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
 from training import distributed as dist
 from training.style.data import ContentStream, find_images, load_training_image
 from training.style.images import load_image, resize_max_side, to_uint8
@@ -488,7 +488,7 @@ def train_fast_style(config: FastStyleConfig, run_dir: str | os.PathLike, vgg: V
 
     Args:
         config: the run's settings (on resume, must equal the run's config.json).
-        run_dir: an empty directory for a new run (e.g. from stylecast.util.next_run_dir), or the run to resume.
+        run_dir: an empty directory for a new run (e.g. from common.files.next_run_dir), or the run to resume.
         vgg: loss network with every content and style layer; it sets the device.
         resume: continue the run in run_dir.
         progress: tqdm bar with the losses.

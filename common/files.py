@@ -1,7 +1,6 @@
-"""Small stdlib-only helpers shared by every layer: seed ranges, run directories, atomic writes, hashing.
+"""Files on disk, as every layer writes them: numbered run directories, atomic writes and directories, sha256.
 
-This module is a leaf (it imports only the standard library), so training, export and serving may all use it
-without breaking the import arrows of ARCHITECTURE.md.
+Part of the ground floor (`common`): standard library only, imported by training, export, serving and the CLI.
 """
 
 from __future__ import annotations
@@ -15,44 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
-
-MAX_SEED = 2**32 - 1
-
-
-def parse_seeds(spec: str | int | list[int], max_count: int = 100_000) -> list[int]:
-    """Parse "0-3,7" into [0, 1, 2, 3, 7] (order kept, duplicates kept).
-
-    Raises:
-        ValueError: on malformed ranges, negative or > 2**32-1 seeds, or more than max_count seeds.
-    """
-    if isinstance(spec, int):
-        spec = str(spec)
-    if isinstance(spec, (list, tuple)):
-        seeds = [int(s) for s in spec]
-    else:
-        seeds = []
-        for part in str(spec).replace(" ", "").split(","):
-            if not part:
-                continue
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if not m:
-                raise ValueError(f"invalid seed range {part!r}: use e.g. 0-3,7")
-            lo = int(m.group(1))
-            hi = int(m.group(2)) if m.group(2) is not None else lo
-            if hi < lo:
-                raise ValueError(f"invalid seed range {part!r}: end is before start")
-            if len(seeds) + hi - lo + 1 > max_count:
-                raise ValueError(f"too many seeds (more than {max_count})")
-            seeds.extend(range(lo, hi + 1))
-    if not seeds:
-        raise ValueError("no seeds given")
-    for s in seeds:
-        if s < 0 or s > MAX_SEED:
-            raise ValueError(f"seed {s} out of range 0..{MAX_SEED}")
-    if len(seeds) > max_count:
-        raise ValueError(f"too many seeds (more than {max_count})")
-    return seeds
-
 
 def next_run_dir(root: str | os.PathLike, name: str) -> Path:
     """Create and return root/NNNNN-name, numbered one past the highest existing run; never reuses one."""

@@ -1,4 +1,4 @@
-"""stylecast.faces: FFHQ alignment on real photos with dlib's real models, image decoding, paste-back, errors."""
+"""common.faces: FFHQ alignment on real photos with dlib's real models, image decoding, paste-back, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stylecast import faces as F
+from common import faces as F
 
 
 @pytest.fixture(scope="module")
