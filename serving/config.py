@@ -53,6 +53,9 @@ class ServerConfig:
     tls_key: Path | None = None
     grace_s: float = 10.0             # shutdown: how long in-flight work may take to finish
     golden_check: bool = True
+    # Readiness (health "" SERVING, KServe ServerReady) waits for these models to be READY; empty = every bundle
+    # directory present at the initial scan (and still present).
+    require_models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -75,6 +78,8 @@ class ServerConfig:
             raise ValueError("TLS needs both a certificate and a key")
         if self.limits.max_seeds < 1 or self.limits.max_output_size < 1:
             raise ValueError("limits must be positive")
+        if any(not n or n != n.strip() for n in self.require_models):
+            raise ValueError(f"required model names must be non-empty without spaces around, got {self.require_models}")
 
     @property
     def max_message_bytes(self) -> int:
