@@ -226,6 +226,11 @@ class StyleServer:
             await self.health.enter_graceful_shutdown()
         if self.repository is not None:
             await self.repository.stop_reloading()
+        if self._server is not None and self.config.drain_delay_s > 0:
+            # Lame duck: keep serving while health-checking clients and load balancers see NOT_SERVING and move
+            # away. Stopping at once would cancel the calls that already reached the server but no handler yet.
+            log(logger, logging.INFO, "draining", drain_delay_s=self.config.drain_delay_s)
+            await asyncio.sleep(self.config.drain_delay_s)
         if self._server is not None:
             await self._server.stop(grace)
         if self.repository is not None:
