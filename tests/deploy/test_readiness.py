@@ -147,18 +147,33 @@ def test_readiness_is_every_configured_model(replica_factory, demo_models, free_
     assert health(b.target, "liveness") == "SERVING"
 
 
-def test_round_robin_skips_an_unready_replica(replica_factory, demo_models, free_ports):
+def test_round_robin_skips_an_unready_replica(replica_factory, demo_models, free_ports, dev_env, tmp_path):
     """Client-side health checking (the service config of serving.client.load_balancing_options): a replica whose
-    readiness is NOT_SERVING gets no calls; without health checking round_robin would send it every other call."""
+    readiness is NOT_SERVING gets no calls, from Python or from `stylecast client --load-balancing round-robin`;
+    without health checking round_robin would send it every other call."""
     from serving.client import StyleClient
     p = free_ports(4)
     unready = replica_factory(demo_models, p[0], p[1], "--require-model", "absent").start().wait_ready()
     ready = replica_factory(demo_models, p[2], p[3]).start().wait_ready()
     assert health(unready.target) == "NOT_SERVING" and health(ready.target) == "SERVING"
-    with StyleClient(f"{unready.target},{ready.target}", load_balancing="round_robin", timeout=30) as c:
+    replicas = f"{unready.target},{ready.target}"
+    with StyleClient(replicas, load_balancing="round_robin", timeout=30) as c:
         for seed in range(20):
             assert len(c.generate("demo", seeds=[seed])) == 1
-    assert unready.requests() == 0 and ready.requests() == 20
+    r = subprocess.run([sys.executable, "-m", "stylecast", "client", "generate", "--server", replicas,
+                        "--load-balancing", "round-robin", "--model", "demo", "--seeds", "0-3", "--outdir",
+                        str(tmp_path / "out")], cwd=ROOT, env=dev_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert unready.requests() == 0 and ready.requests() == 21
+    # the same round_robin without health checking: the unready replica gets its share
+    from protos.stylecast.v1 import style_pb2 as pb, style_pb2_grpc as pb_grpc
+    from serving.client import channel_target, latents, load_balancing_options
+    with grpc.insecure_channel(channel_target(replicas),
+                               options=load_balancing_options("round_robin", health_service=None)) as ch:
+        stub = pb_grpc.StyleServiceStub(ch)
+        for seed in range(20):
+            stub.Generate(pb.GenerateRequest(model="demo", latents=latents(seeds=[seed])), timeout=30)
+    assert unready.requests() >= 5
 
 
 def test_sigterm_during_the_initial_load_stops_at_once(demo_models, free_ports, tmp_path, dev_env):
