@@ -132,18 +132,13 @@ def free_ports_fixture():
 
 
 @pytest.fixture
-def replica_factory():
-    """Make Replica(models, port, metrics_port, *serve_args, command=..., env=...); all are killed at the end."""
-    made: list[Replica] = []
-
+def replica_factory(request):
+    """Make Replica(models, port, metrics_port, *serve_args, command=..., env=...); each is killed at the end."""
     def make(*args, **kw) -> Replica:
-        r = Replica(*args, **kw)
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.kill()
+        replica = Replica(*args, **kw)
+        request.addfinalizer(replica.kill)
+        return replica
+    return make
 
 
 @pytest.fixture(scope="session")

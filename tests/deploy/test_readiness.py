@@ -219,3 +219,17 @@ def test_sigterm_during_the_initial_load_stops_at_once(demo_models, free_ports, 
     assert rc == 0, log
     assert "stopped during the initial load" in log
     assert elapsed < 6, f"took {elapsed:.1f} s to stop (the whole load is 12 s or more)"
+
+
+def test_a_taken_port_fails_before_the_load(replica_factory, demo_models, free_ports, dev_env):
+    """The port is bound only after the load, so it is checked first: a clash is a one-line error at once."""
+    p = free_ports(3)
+    first = replica_factory(demo_models, p[0], p[1]).start().wait_ready()
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "stylecast", "serve", "--models", str(demo_models), "--port", str(p[0]),
+                        "--metrics-port", str(p[2])], cwd=ROOT, env=dev_env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{p[0]}" in r.stderr and "Traceback" not in r.stderr
+    assert '"event": "model ready"' not in r.stderr, "it loaded the bundles before finding the port taken"
+    assert time.monotonic() - t0 < 20
+    assert health(first.target) == "SERVING"
