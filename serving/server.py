@@ -210,8 +210,8 @@ class StyleServer:
                 await self._update_readiness()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: health NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace
-        period (then cancel them), drain the batchers and unload the models."""
+        """Graceful shutdown: health NOT_SERVING, keep serving for the drain delay (if any), refuse new RPCs, let
+        in-flight ones finish within the grace period (then cancel them), drain the batchers and unload the models."""
         if self._stopping:
             await self._stopped.wait()
             return
