@@ -9,7 +9,8 @@ TORCH_SPEC ?= torch==2.14.0 torchvision==0.29.0
 STAMP  := $(VENV)/.stylecast-installed
 PYTEST_ARGS ?=
 
-.PHONY: all install test test-gpu test-slow serve demo protos plugins plugins-torch bench bench-gpu clean
+.PHONY: all install test test-gpu test-slow serve demo protos plugins plugins-torch bench bench-gpu clean \
+	install-server dist images test-deploy
 
 all: test
 
@@ -45,6 +46,24 @@ demo: install
 
 serve: demo
 	$(VENV)/bin/stylecast serve --models $(DEMO_DIR) $(SERVE_ARGS)
+
+# Server-only (torch-free) venv, exactly as the container images install it.
+SERVER_VENV ?= build/server-venv
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+install-server:
+	sh deploy/install.sh --venv $(SERVER_VENV) --python $(PYTHON)
+
+# Wheel + sdist (the build hook compiles protos/ with the pinned grpcio-tools).
+dist: install
+	$(PY) -m build --outdir dist .
+
+images:
+	docker build -f deploy/Dockerfile.cpu -t stylecast-serve:$(VERSION)-cpu .
+	docker build -f deploy/Dockerfile.cuda -t stylecast-serve:$(VERSION)-cuda .
+
+test-deploy: install
+	$(PY) -m pytest tests/deploy $(PYTEST_ARGS)
 
 plugins: install
 	$(PY) -m trt_plugins.build

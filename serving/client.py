@@ -9,10 +9,16 @@
         # dualstylegan models: a library style (id or name) or an exemplar photo (bytes), weights, preserve_color
         styles = c.list_styles("cartoon")                                  # [(id, name), ...]
         out = c.stylize("cartoon", photo_bytes, style=53, weights=[0.75] * 7 + [1] * 11, preserve_color=True)
+
+    # Replicas: round_robin over every address, health-checked, UNAVAILABLE retried on another replica
+    with StyleClient("127.0.0.1:50051,127.0.0.1:50052,127.0.0.1:50053", load_balancing="round_robin") as c:
+        ...
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,9 @@ FORMAT_NAMES = {cpb.IMAGE_FORMAT_PNG: "png", cpb.IMAGE_FORMAT_JPEG: "jpeg", cpb.
 FORMAT_ENUM = {"png": cpb.IMAGE_FORMAT_PNG, "jpeg": cpb.IMAGE_FORMAT_JPEG, "jpg": cpb.IMAGE_FORMAT_JPEG,
                "webp": cpb.IMAGE_FORMAT_WEBP, "raw": cpb.IMAGE_FORMAT_RAW_RGB8}
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "raw": ".rgb"}
+LOAD_BALANCING = ("pick_first", "round_robin")
+# The services whose RPCs the client retries: every one of them is a pure function of its request.
+RETRIED_SERVICES = ("stylecast.v1.StyleService", "inference.GRPCInferenceService")
 
 
 @dataclass
@@ -121,14 +130,99 @@ def output_options(fmt: str = "png", quality: int = 0, size: int | tuple[int, in
     return cpb.OutputOptions(format=FORMAT_ENUM[fmt], quality=quality, width=w, height=h)
 
 
+def service_config(load_balancing: str = "round_robin", health_service: str | None = "",
+                   max_attempts: int = 5, initial_backoff_s: float = 0.05, max_backoff_s: float = 1.0) -> dict:
+    """A gRPC service config for a client of several replicas (pass it as channel option `grpc.service_config`).
+
+    Args:
+        load_balancing: "round_robin" (every replica, in turn) or "pick_first" (one connection).
+        health_service: client-side health checking with grpc.health.v1 Watch on this service name ("" = the
+            server's readiness: every configured model READY); a replica that is starting, draining or missing a
+            model takes no calls. None = no health checking. Needs round_robin.
+        max_attempts: calls failing with UNAVAILABLE (a replica that went away mid-call, refused the connection, or
+            refused the stream while draining) are retried up to this many attempts in all (gRPC caps it at 5);
+            each retry is picked again, so round_robin sends it to another replica. 1 = no retries.
+        initial_backoff_s / max_backoff_s: the randomised exponential backoff between attempts.
+
+    Returns:
+        The service config as a dict (json.dumps it for the channel option).
+    """
+    if load_balancing not in LOAD_BALANCING:
+        raise ValueError(f"load_balancing must be one of {LOAD_BALANCING}, got {load_balancing!r}")
+    if health_service is not None and load_balancing != "round_robin":
+        raise ValueError("client-side health checking needs load_balancing='round_robin'")
+    if not 1 <= max_attempts <= 5:
+        raise ValueError(f"max_attempts must be in 1..5 (gRPC's limit), got {max_attempts}")
+    cfg: dict = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if health_service is not None:
+        cfg["healthCheckConfig"] = {"serviceName": health_service}
+    if max_attempts > 1:
+        cfg["methodConfig"] = [{
+            "name": [{"service": s} for s in RETRIED_SERVICES],
+            "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": f"{initial_backoff_s}s",
+                            "maxBackoff": f"{max_backoff_s}s", "backoffMultiplier": 2,
+                            "retryableStatusCodes": ["UNAVAILABLE"]},
+        }]
+    return cfg
+
+
+def load_balancing_options(load_balancing: str = "round_robin", health_service: str | None = "",
+                           max_attempts: int = 5, max_reconnect_backoff_s: float = 2.0) -> list[tuple[str, object]]:
+    """Channel options for a client of several replicas: the `service_config` above, retries on, and a reconnect
+    backoff capped at `max_reconnect_backoff_s` (gRPC's default grows to 120 s), so that a restarted replica gets
+    calls again within seconds of listening.
+
+    Returns:
+        [(option name, value), ...] for grpc.insecure_channel / secure_channel.
+    """
+    cfg = service_config(load_balancing, health_service if load_balancing == "round_robin" else None, max_attempts)
+    backoff_ms = int(max_reconnect_backoff_s * 1000)
+    return [("grpc.service_config", json.dumps(cfg)), ("grpc.enable_retries", 1),
+            ("grpc.initial_reconnect_backoff_ms", min(1000, backoff_ms)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms)]
+
+
+def channel_target(server: str) -> str:
+    """A gRPC target for `server`: HOST:PORT, any gRPC URI (e.g. dns:///replicas.example:50051, whose every address
+    is a replica under round_robin), or a comma-separated list of IP:PORT replicas (-> ipv4:/ipv6: target).
+
+    Raises:
+        ValueError: a list entry is not an IP literal with a port.
+    """
+    if "," not in server or "://" in server or server.startswith(("ipv4:", "ipv6:", "unix:")):
+        return server
+    hosts, families = [], set()
+    for part in (p.strip() for p in server.split(",")):
+        host, sep, port = part.rpartition(":")
+        try:
+            addr = ipaddress.ip_address(host.strip("[]"))
+            if not sep or not 0 < int(port) < 65536:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"a list of replicas must be IP:PORT entries, got {part!r} (for a DNS name with "
+                             "several addresses use dns:///NAME:PORT)") from None
+        families.add(addr.version)
+        hosts.append(f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}")
+    if len(families) > 1:
+        raise ValueError(f"a list of replicas must be all IPv4 or all IPv6, got {server!r}")
+    return f"ipv{families.pop()}:" + ",".join(hosts)
+
+
 class StyleClient:
     """Blocking client. `token` adds `authorization: Bearer <token>`; `tls_ca` (PEM path) or `tls=True` (system
-    roots) make a TLS channel. RPC errors surface as grpc.RpcError (`.code()`, `.details()`)."""
+    roots) make a TLS channel. RPC errors surface as grpc.RpcError (`.code()`, `.details()`).
+
+    `target` is anything `channel_target` takes; `load_balancing="round_robin"` spreads calls over every replica
+    behind it with client-side health checking and retries (`load_balancing_options`)."""
 
     def __init__(self, target: str, token: str | None = None, tls: bool = False, tls_ca: str | Path | None = None,
-                 max_message_mb: int = 64, timeout: float | None = 60.0, server_name: str | None = None):
+                 max_message_mb: int = 64, timeout: float | None = 60.0, server_name: str | None = None,
+                 load_balancing: str | None = None):
         options = [("grpc.max_send_message_length", max_message_mb << 20),
                    ("grpc.max_receive_message_length", max_message_mb << 20)]
+        if load_balancing is not None:
+            options += load_balancing_options(load_balancing)
+        target = channel_target(target)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if tls or tls_ca is not None:

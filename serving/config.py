@@ -52,7 +52,11 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     grace_s: float = 10.0             # shutdown: how long in-flight work may take to finish
+    drain_delay_s: float = 0.0        # shutdown: keep serving this long after health went NOT_SERVING
     golden_check: bool = True
+    # Readiness (health "" SERVING, KServe ServerReady) waits for these models to be READY; empty = every bundle
+    # directory present at the initial scan (and still present).
+    require_models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -69,12 +73,14 @@ class ServerConfig:
             raise ValueError(f"max queue ({b.max_queue}) must be at least max batch ({b.max_batch})")
         if self.max_message_mb < 1:
             raise ValueError("max message size must be at least 1 MB")
-        if self.reload_interval_s < 0 or self.grace_s < 0 or self.threads < 0:
-            raise ValueError("reload interval, grace period and threads must not be negative")
+        if self.reload_interval_s < 0 or self.grace_s < 0 or self.threads < 0 or self.drain_delay_s < 0:
+            raise ValueError("reload interval, grace period, drain delay and threads must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
         if self.limits.max_seeds < 1 or self.limits.max_output_size < 1:
             raise ValueError("limits must be positive")
+        if any(not n or n != n.strip() for n in self.require_models):
+            raise ValueError(f"required model names must be non-empty without spaces around, got {self.require_models}")
 
     @property
     def max_message_bytes(self) -> int:

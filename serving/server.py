@@ -2,7 +2,7 @@
 Prometheus metrics on another, over a hot-reloaded model repository.
 
     server = StyleServer(ServerConfig(models_dir=Path("models"), port=0))
-    await server.start()          # binds, loads and golden-checks every bundle, then reports SERVING
+    await server.start()          # loads and golden-checks every bundle, only then binds and reports SERVING
     ...                           # server.port, server.metrics_port
     await server.stop()           # stop accepting, drain in-flight work (grace period), unload
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,14 +38,41 @@ logger = logging.getLogger("serving.server")
 SERVICE_NAME = style_pb2.DESCRIPTOR.services_by_name["StyleService"].full_name  # "stylecast.v1.StyleService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
+# Health service names. Readiness ("" = the whole server, as gRPC's convention, and each API's service name): the
+# initial load is done, every configured model is READY and the server is not draining. Liveness: the process
+# listens and is not draining, whatever its models (a Kubernetes liveness probe must not restart a replica whose
+# bundle is broken: that is what readiness reports).
+LIVENESS_SERVICE = "liveness"
+READINESS_SERVICES = ("", SERVICE_NAME, kserve.SERVICE_NAME)
+READINESS_POLL_S = 0.5  # also catches a refused bundle being removed, which no model-state event reports
 
 
 def bind_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6 literal
     return f"{host}:{port}"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before a long model load, not after it, when the gRPC port is taken (port 0 always binds).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {bind_address(host, port)}: {exc}") from None
+    family, _, _, _, sockaddr = infos[0]
+    # SO_REUSEADDR as gRPC sets it: a port in TIME_WAIT is free, one with a listener is not.
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {bind_address(host, port)}: {exc.strerror or exc}") from None
 
 
 class StyleServer:
@@ -62,11 +90,17 @@ class StyleServer:
         self._encode_pool: ThreadPoolExecutor | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._initial_dirs: frozenset[str] | None = None  # bundle directories present at the initial scan
+        self._is_ready = False
+        self._readiness_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        """Load every bundle of the repository, then listen: a starting replica accepts no connection (clients and
+        proxies see UNAVAILABLE: connection refused, and try another replica) before its initial load is done."""
         cfg = self.config
         if not cfg.models_dir.is_dir():
             raise FileNotFoundError(f"model repository not found: {cfg.models_dir}")
+        check_port_free(cfg.host, cfg.port)
         self._inference_pool = ThreadPoolExecutor(cfg.inference_workers, thread_name_prefix="inference")
         self._encode_pool = ThreadPoolExecutor(cfg.encode_workers, thread_name_prefix="encode")
         self.repository = repo = ModelRepository(cfg.models_dir, backend=cfg.backend, batch=cfg.batch,
@@ -74,9 +108,16 @@ class StyleServer:
                                                  metrics=self.metrics, golden_check=cfg.golden_check,
                                                  probe=self.probe)
         self.health = health_aio.HealthServicer()
-        await self.health.set("", NOT_SERVING)
-        await self.health.set(SERVICE_NAME, NOT_SERVING)
+        for service in (*READINESS_SERVICES, LIVENESS_SERVICE):
+            await self.health.set(service, NOT_SERVING)
         repo.listeners.append(self._on_model_state)
+        if cfg.metrics_port:  # before the load: a taken port fails fast, and the load shows in the metrics
+            self._metrics_http = MetricsHTTPServer(self.metrics, cfg.host, max(0, cfg.metrics_port))
+            self.metrics_port = self._metrics_http.port
+        t0 = time.monotonic()
+        await repo.scan()
+        self._initial_dirs = frozenset(repo.entries)
+        load_s = round(time.monotonic() - t0, 3)
 
         options = [("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -104,10 +145,8 @@ class StyleServer:
             raise OSError(f"cannot listen on {address}")
         self.port = port
         self._server = server
+        await self.health.set(LIVENESS_SERVICE, SERVING)
         await server.start()
-        if cfg.metrics_port:
-            self._metrics_http = MetricsHTTPServer(self.metrics, cfg.host, max(0, cfg.metrics_port))
-            self.metrics_port = self._metrics_http.port
         log(logger, logging.INFO, "listening", address=bind_address(cfg.host, port), tls=cfg.tls,
             auth=bool(cfg.auth_tokens), metrics_port=self.metrics_port, models_dir=str(cfg.models_dir),
             backend=cfg.backend, max_batch=cfg.batch.max_batch, max_queue_delay_ms=cfg.batch.max_queue_delay_ms,
@@ -117,26 +156,62 @@ class StyleServer:
             log(logger, logging.WARNING, f"listening on non-loopback address {cfg.host} without {missing}: "
                 "anyone who can reach this port can use it" + ("" if cfg.tls else " and read its traffic"),
                 host=cfg.host)
-        t0 = time.monotonic()
-        await repo.scan()
-        ready = sorted(repo.models)
-        log(logger, logging.INFO, "initial load done", ready=ready,
-            failed=[s.name for s in repo.statuses() if not s.ready], load_s=round(time.monotonic() - t0, 3))
-        await self.health.set("", SERVING)
-        await self.health.set(SERVICE_NAME, SERVING)
+        await self._update_readiness()
+        log(logger, logging.INFO, "initial load done", ready=sorted(repo.models),
+            failed=[s.name for s in repo.statuses() if not s.ready], load_s=load_s,
+            required=sorted(self.required_models()), serving=self._is_ready)
         repo.start_reloading(cfg.reload_interval_s)
+        self._readiness_task = asyncio.get_running_loop().create_task(self._readiness_loop())
+
+    def required_models(self) -> set[str]:
+        """The configured models readiness waits for: `require_models`, or else the model name of every bundle
+        directory present at the initial scan and still present (a removed directory is no longer configured)."""
+        repo = self.repository
+        if self.config.require_models:
+            return set(self.config.require_models)
+        if repo is None or self._initial_dirs is None:
+            return set()
+        return {e.name or e.dir_name for d, e in repo.entries.items() if d in self._initial_dirs}
+
+    def _compute_ready(self) -> bool:
+        repo = self.repository
+        if self._stopping or repo is None or self._initial_dirs is None:
+            return False
+        if self.config.require_models:
+            return all(repo.models.get(n) is not None and repo.models[n].accepting for n in self.config.require_models)
+        # Every initial bundle directory serves its own model (a refused duplicate name or a failed load does not).
+        return all(e.model is not None and e.model.accepting and repo.models.get(e.model.name) is e.model
+                   for d, e in repo.entries.items() if d in self._initial_dirs)
+
+    async def _update_readiness(self) -> None:
+        ready = self._compute_ready()
+        if self.health is None or self._stopping or ready == self._is_ready:
+            return
+        self._is_ready = ready
+        for service in READINESS_SERVICES:
+            await self.health.set(service, SERVING if ready else NOT_SERVING)
+        log(logger, logging.INFO, "readiness", serving=ready, required=sorted(self.required_models()),
+            ready_models=sorted(self.repository.models) if self.repository else [])
+
+    async def _readiness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(READINESS_POLL_S)
+            await self._update_readiness()
 
     def _ready(self) -> bool:
-        """KServe ServerReady: the initial repository scan is done and the server is not shutting down."""
-        return not self._stopping and self.repository is not None and self.repository.scans > 0
+        """KServe ServerReady: the same readiness as the health service (initial load done, every configured model
+        READY, not shutting down)."""
+        return self._is_ready and not self._stopping
 
     async def _on_model_state(self, name: str, ready: bool) -> None:
         if self.health is not None and not self._stopping:
             await self.health.set(name, SERVING if ready else NOT_SERVING)
+            if self._initial_dirs is not None:
+                await self._update_readiness()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: health NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace
-        period (then cancel them), drain the batchers and unload the models."""
+        """Graceful shutdown: health NOT_SERVING, keep serving for the drain delay (if any), refuse new RPCs, let
+        in-flight ones finish within the grace period (then cancel them), drain the batchers and unload the models."""
         if self._stopping:
             await self._stopped.wait()
             return
@@ -144,10 +219,18 @@ class StyleServer:
         grace = self.config.grace_s if grace is None else grace
         t0 = time.monotonic()
         log(logger, logging.INFO, "shutting down", grace_s=grace)
+        if self._readiness_task is not None:
+            self._readiness_task.cancel()
+        self._is_ready = False
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.repository is not None:
             await self.repository.stop_reloading()
+        if self._server is not None and self.config.drain_delay_s > 0:
+            # Lame duck: keep serving while health-checking clients and load balancers see NOT_SERVING and move
+            # away. Stopping at once would cancel the calls that already reached the server but no handler yet.
+            log(logger, logging.INFO, "draining", drain_delay_s=self.config.drain_delay_s)
+            await asyncio.sleep(self.config.drain_delay_s)
         if self._server is not None:
             await self._server.stop(grace)
         if self.repository is not None:
@@ -172,10 +255,19 @@ async def serve(config: ServerConfig, ready_callback=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await server.start()
-        if ready_callback is not None:
-            ready_callback(server)
-        await stop.wait()
+        # SIGTERM during the initial load (a pod deleted while it starts) stops at once instead of loading first.
+        starting = asyncio.ensure_future(server.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            log(logger, logging.INFO, "stopped during the initial load")
+        else:
+            starting.result()  # re-raise a start-up error
+            if ready_callback is not None:
+                ready_callback(server)
+            await stopping
+        stopping.cancel()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

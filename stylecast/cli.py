@@ -51,6 +51,13 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, F
                                                  PermissionError, IsADirectoryError, NotADirectoryError,
                                                  KeyError)
 
+# Top-level modules of the optional extras -> the extra that installs them. `pip install .` is the server-only
+# install (serve, client, export verify); a command that needs more says which extra in one line.
+EXTRA_FOR_MODULE: dict[str, str] = {
+    "torch": "train", "torchvision": "train", "open_clip": "train", "onnx": "train", "safetensors": "train",
+    "tqdm": "train", "dlib": "faces", "tensorrt": "gpu", "cuda": "gpu", "onnxsim": "dev",
+}
+
 
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported only when invoked (or listed in --help)."""
@@ -122,6 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_FOR_MODULE.get((exc.name or "").partition(".")[0])
+        if extra is None or debug:
+            raise
+        click.echo(f"error: this command needs the {exc.name!r} module, which this install lacks: "
+                   f"pip install \"stylecast[{extra}]\"", err=True)
+        sys.exit(2)
     except USER_ERRORS as exc:
         if debug:
             raise

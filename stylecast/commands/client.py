@@ -10,14 +10,25 @@ import click
 CTX = {"show_default": True}
 
 
+def _store_load_balancing(ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    ctx.meta["stylecast.load_balancing"] = value.replace("-", "_")
+    return value
+
+
 def _conn_options(f):
+    f = click.option("--load-balancing", type=click.Choice(["pick-first", "round-robin"]), default="pick-first",
+                     expose_value=False, callback=_store_load_balancing,
+                     help="round-robin: spread calls over every replica of --server (a list or a DNS name), with "
+                          "health checking and UNAVAILABLE retried on another replica. "
+                          "Example: --server 127.0.0.1:50051,127.0.0.1:50052 --load-balancing round-robin")(f)
     f = click.option("--timeout", type=click.FloatRange(0.001, 3600), default=60.0, help="Deadline in seconds.")(f)
     f = click.option("--tls-ca", type=click.Path(path_type=Path), default=None,
                      help="PEM CA certificate: connect with TLS and trust this CA.")(f)
     f = click.option("--tls", is_flag=True, default=False, help="Connect with TLS (system root certificates).")(f)
     f = click.option("--token-file", type=click.Path(path_type=Path), default=None,
                      help="File whose first line is the bearer token (or set STYLECAST_AUTH_TOKEN).")(f)
-    f = click.option("--server", default="127.0.0.1:50051", help="HOST:PORT of the server.")(f)
+    f = click.option("--server", default="127.0.0.1:50051",
+                     help="HOST:PORT of the server, a gRPC target (dns:///NAME:PORT) or IP:PORT,IP:PORT replicas.")(f)
     return f
 
 
@@ -35,7 +46,9 @@ def _client(server: str, token_file: Path | None, tls: bool, tls_ca: Path | None
         token = lines[0]
     if tls_ca is not None and not tls_ca.is_file():
         raise FileNotFoundError(f"CA file not found: {tls_ca}")
-    return StyleClient(server, token=token, tls=tls, tls_ca=tls_ca, timeout=timeout)
+    load_balancing = click.get_current_context().meta.get("stylecast.load_balancing", "pick_first")
+    return StyleClient(server, token=token, tls=tls, tls_ca=tls_ca, timeout=timeout,
+                       load_balancing=None if load_balancing == "pick_first" else load_balancing)
 
 
 def _rpc(fn):

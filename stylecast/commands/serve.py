@@ -38,18 +38,29 @@ import click
 @click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="PEM private key.")
 @click.option("--grace", type=click.FloatRange(0, 3600), default=10.0,
               help="Seconds in-flight requests get to finish on SIGTERM / SIGINT.")
+@click.option("--drain-delay", type=click.FloatRange(0, 3600), default=0.0,
+              help="On SIGTERM / SIGINT, seconds to keep serving after health turns NOT_SERVING, so that "
+                   "health-checking clients and load balancers move away before the port closes (e.g. 2).")
+@click.option("--require-model", "require_models", multiple=True, metavar="NAME",
+              help="Readiness (health '' SERVING) waits for this model to be READY (repeatable); "
+                   "default: every bundle present at start.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve(models_dir: Path, host: str, port: int, metrics_port: int, backend: str, max_batch: int,
           max_queue_delay_ms: float, max_queue: int, max_seeds: int, max_output_size: int, max_photo_size: int,
           max_faces: int, max_message_mb: int,
           reload_interval: float, threads: int, auth_token_file: Path | None, tls_cert: Path | None,
-          tls_key: Path | None, grace: float, log_level: str) -> None:
-    """Serve every bundle in a directory over gRPC (StyleService, health, reflection) with dynamic batching.
+          tls_key: Path | None, grace: float, drain_delay: float, require_models: tuple[str, ...],
+          log_level: str) -> None:
+    """Serve every bundle in a directory over gRPC (StyleService, KServe v2, health, reflection) with dynamic
+    batching. The port opens only once every bundle present at start is loaded (or refused).
 
     \b
     Example:
       stylecast serve --models demo/models --port 50051 --metrics-port 9090
-    Logs are JSON lines on stderr; SIGTERM / SIGINT drain in-flight requests and exit 0.
+      stylecast serve --models /models --host 0.0.0.0 --require-model ffhq --require-model ffhq-toon
+    Logs are JSON lines on stderr; SIGTERM / SIGINT drain in-flight requests and exit 0. Health: '' (and each
+    API's service name) is SERVING while every required model is READY (readiness); 'liveness' while the server
+    listens and is not draining.
     """
     import asyncio
 
@@ -71,7 +82,7 @@ def serve(models_dir: Path, host: str, port: int, metrics_port: int, backend: st
                       max_faces=max_faces), max_message_mb=max_message_mb,
         reload_interval_s=reload_interval, threads=threads,
         auth_tokens=load_tokens(auth_token_file) if auth_token_file else (), tls_cert=tls_cert, tls_key=tls_key,
-        grace_s=grace)
+        grace_s=grace, drain_delay_s=drain_delay, require_models=tuple(require_models))
     configure_logging(log_level)
     try:
         asyncio.run(run(config))
