@@ -448,8 +448,8 @@ def write_report(files: Iterable[str | Path], out_md: str | Path, plots_dir: str
                   notes.read_text().strip(), ""]
     lines += ["## GPU device check", ""]
     if not device_checks:
-        lines += [f"No GPU device check has been recorded yet. On a GPU machine run `{DEVICE_CHECK}` (about 5-8 "
-                  f"minutes: builds, kernel checks, compute-sanitizer, whole generator, timings), then "
+        lines += [f"No GPU device check has been recorded yet. On a GPU machine run `{DEVICE_CHECK}` (estimated 4-6 "
+                  f"minutes, capped at 7.5: builds, kernel checks, compute-sanitizer, whole generator, timings), then "
                   f"`{DEVICE_INGEST}` here; its tables appear in this section.", ""]
     for recs in device_checks.values():
         lines += device_check_section(recs)

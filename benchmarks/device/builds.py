@@ -111,20 +111,21 @@ def run_builds(cmds: list[tuple[str, list[str]]], env: dict[str, str], log_path:
     return out
 
 
-def cuobjdump() -> str | None:
-    """cuobjdump from PATH or the CUDA toolkit next to nvcc."""
-    found = shutil.which("cuobjdump")
+def cuda_tool(name: str) -> str | None:
+    """A CUDA toolkit program (cuobjdump, compute-sanitizer) from PATH, next to nvcc, or in $CUDA_HOME/bin or
+    /usr/local/cuda/bin."""
+    found = shutil.which(name)
     if found:
         return found
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        cand = Path(nvcc).resolve().parent / "cuobjdump"
-        if cand.is_file():
-            return str(cand)
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "cuobjdump").is_file():
-            return str(Path(home) / "bin" / "cuobjdump")
-    return None
+    dirs = [Path(nvcc).resolve().parent] if nvcc else []
+    dirs += [Path(home) / "bin" for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if home]
+    return next((str(d / name) for d in dirs if (d / name).is_file()), None)
+
+
+def cuobjdump() -> str | None:
+    """cuobjdump, wherever cuda_tool finds it."""
+    return cuda_tool("cuobjdump")
 
 
 _RES_RE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")

@@ -418,7 +418,7 @@ class DeviceCheck:
         else:
             if not self._require_cuda("sanitizer") or not self._ensure_built("sanitizer", ["harness_gpu", "plugin"]):
                 return
-            tool = _compute_sanitizer()
+            tool = builds.cuda_tool("compute-sanitizer")
             if tool is None:
                 self.record("sanitizer", "compute-sanitizer", "error", reason="compute-sanitizer not found")
                 return
@@ -557,17 +557,6 @@ def _no_tf32() -> None:
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-
-
-def _compute_sanitizer() -> str | None:
-    import shutil
-    found = shutil.which("compute-sanitizer")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "compute-sanitizer").is_file():
-            return str(Path(home) / "bin" / "compute-sanitizer")
-    return None
 
 
 def _describe_plan(entry: dict[str, Any]) -> str:

@@ -7,17 +7,9 @@ import math
 from collections import Counter
 from typing import Any, Iterable
 
+from benchmarks.report import _f
+
 FAILING = ("error", "failed", "incomplete")
-
-
-def _f(x: Any, nd: int = 1) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, str):
-        return "∞" if x == "inf" else x
-    if isinstance(x, float) and math.isinf(x):
-        return "∞"
-    return f"{x:.{nd}f}"
 
 
 def _g(x: Any) -> str:

@@ -9,14 +9,12 @@ otherwise round the fp32 reference to 10 mantissa bits.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.device.builds import cuda_tool
 from benchmarks.device.kernels import check_case, config_f_cases, cuda_runner, odd_cases
 from training.ops.modulated_conv2d import modulated_conv2d
 from training.ops.upfirdn2d import setup_filter
@@ -109,20 +107,10 @@ def test_plugin_enqueue_on_device_buffers(plugin_build):
     assert "PASS enqueue_large_up2_fp16" in proc.stdout
 
 
-def _compute_sanitizer() -> str | None:
-    found = shutil.which("compute-sanitizer")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "compute-sanitizer").is_file():
-            return str(Path(home) / "bin" / "compute-sanitizer")
-    return None
-
-
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck"])
 def test_compute_sanitizer(plugin_build, tool):
     """Every kernel, both dtypes, odd multi-tile shapes, under compute-sanitizer (via the GPU harness)."""
-    sanitizer = _compute_sanitizer()
+    sanitizer = cuda_tool("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
     if "harness_gpu" not in plugin_build:
