@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.0 torchvision==0.29.0
 STAMP  := $(VENV)/.stylecast-installed
 PYTEST_ARGS ?=
 
-.PHONY: all install test test-gpu test-slow serve demo protos plugins plugins-torch bench bench-gpu clean \
+.PHONY: all install test test-gpu test-slow serve demo protos plugins plugins-torch bench bench-gpu device-check clean \
 	install-server dist images test-deploy
 
 all: test
@@ -78,6 +78,14 @@ bench: install
 bench-gpu: install
 	STYLECAST_STRICT_OPS=1 $(PY) -m stylecast bench backends --sizes 256,512,1024 --batches 1,2,4,8,16,32 --backends all
 	$(PY) -m stylecast bench server --model config-f --size 1024 --concurrency 1,2,4,8,16,32,64 --duration 30 --max-batch 16
+
+# The GPU device check (README: "GPU device check"): no install step, the machine's own python3 runs it from the
+# source tree, so it works on a bare GPU machine without network.
+DEVICE_OUT ?= out/device-check
+DEVICE_ARGS ?=
+
+device-check:
+	$(PYTHON) -m benchmarks.device --out $(DEVICE_OUT) $(DEVICE_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache trt_plugins/build

@@ -18,6 +18,8 @@ NOTES_NAME = "RESULTS_NOTES.md"  # hand-written commentary next to RESULTS.md, i
 GPU_SWEEP = "stylecast bench backends --sizes 256,512,1024 --batches 1,2,4,8,16,32 --backends all"
 GPU_SERVER = ("stylecast bench server --model config-f --size 1024 --concurrency 1,2,4,8,16,32,64 --duration 30 "
               "--max-batch 16")
+DEVICE_CHECK = "python3 -m benchmarks.device --out $OUT"
+DEVICE_INGEST = "python -m benchmarks.device.ingest DIR/device-check.jsonl"
 
 
 def _slug(s: str) -> str:
@@ -185,6 +187,46 @@ def _server_section(key: tuple[str, str], recs: list[dict], plots: dict[str, Pat
     for title, p in plots.items():
         out += [f"![{title}]({_rel(p, md_dir)})", ""]
     return out
+
+
+def latest_device_checks(records: Iterable[dict]) -> dict[str, list[dict]]:
+    """{GPU name: records of its most recent device-check run}; dry runs are not results and are left out."""
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("kind") == "device-check" and not r.get("dry_run"):
+            runs[r.get("run_id") or "?"].append(r)
+    best: dict[str, tuple[str, list[dict]]] = {}
+    for rs in runs.values():
+        env = rs[0].get("env") or {}
+        name, date = env.get("device_name") or "?", env.get("date", "")
+        if name not in best or date > best[name][0]:
+            best[name] = (date, rs)
+    return {k: v[1] for k, v in sorted(best.items())}
+
+
+def device_check_section(recs: list[dict]) -> list[str]:
+    """One device-check run: device, command and date, then its steps, kernels, generator, ceilings and timings."""
+    from .device.summary import (ceiling_lines, device_line, failure_lines, generator_lines, kernel_lines,
+                                 timing_lines)
+    env = recs[0].get("env") or {}
+    summary = next((r for r in recs if r.get("step") == "summary"), {})
+    out = [f"### {env.get('device_name')} — device check {env.get('run_id')}"
+           + (" (CPU dry run)" if recs[0].get("dry_run") else ""), "",
+           f"- date (UTC): {env.get('date')}; wall time {_f(summary.get('wall_s'), 0)} s; seed {env.get('seed')}; "
+           f"sources sha256 {str(env.get('source_digest', '?'))[:16]}",
+           f"- device: {device_line(recs)}",
+           f"- command: `{env.get('command')}`",
+           f"- result: **{'all checks passed' if summary.get('status') == 'ok' else 'FAILED'}**", "",
+           "| step | status | seconds |", "|---|---|---:|"]
+    out += [f"| {step} | {info.get('status')} | {_f(info.get('seconds'))} |"
+            for step, info in (summary.get("steps") or {}).items()]
+    for title, body in (("Kernels vs the reference (float64)", kernel_lines(recs)),
+                        ("Whole generator", generator_lines(recs)), ("Measured ceilings", ceiling_lines(recs)),
+                        ("Synthesis timings (CUDA events, median)", timing_lines(recs)),
+                        ("Failures", failure_lines(recs))):
+        if body:
+            out += ["", f"**{title}**", "", *body]
+    return out + [""]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -370,7 +412,8 @@ def write_report(files: Iterable[str | Path], out_md: str | Path, plots_dir: str
     md_dir = out_md.parent
     backends = latest_runs(records, "backends")
     servers = latest_runs(records, "server")
-    has_gpu = any(k[0] == "cuda" for k in list(backends) + list(servers))
+    device_checks = latest_device_checks(records)
+    has_gpu = any(k[0] == "cuda" for k in list(backends) + list(servers)) or bool(device_checks)
     written: list[Path] = []
 
     lines = ["# stylecast benchmark results", "",
@@ -384,6 +427,8 @@ def write_report(files: Iterable[str | Path], out_md: str | Path, plots_dir: str
              "stylecast bench server --quick               #   small 128 px generator, concurrency 1..64, 6 s per level",
              f"{GPU_SWEEP}   # the full sweep (GPU)",
              f"{GPU_SERVER}",
+             f"{DEVICE_CHECK}      # the GPU device check (README: 'GPU device check'), then",
+             f"{DEVICE_INGEST}",
              "stylecast bench report                       # this file and benchmarks/plots/*.png",
              "```", "",
              "Useful flags: `--reps N --warmup N --max-time S` (in each cell a backend stops once its timed calls "
@@ -393,13 +438,21 @@ def write_report(files: Iterable[str | Path], out_md: str | Path, plots_dir: str
     if not has_gpu:
         lines += ["> **No GPU was available when these results were recorded**, so the GPU sweep (PyTorch fp16/bf16 "
                   "and torch.compile on CUDA, ONNX Runtime CUDA, TensorRT fp32/fp16, the plugin kernels; H100/H200) "
-                  f"is **not recorded yet**. On a GPU machine run `{GPU_SWEEP}` and `{GPU_SERVER}`, then "
+                  f"is **not recorded yet**. On a GPU machine run the device check first (`{DEVICE_CHECK}`, "
+                  f"then `{DEVICE_INGEST}` here), and where time allows `{GPU_SWEEP}` and `{GPU_SERVER}`, then "
                   "`stylecast bench report`; the GPU tables will appear here next to the CPU ones, with the "
                   "device name.", ""]
     notes = md_dir / NOTES_NAME
     if notes.is_file():
         lines += [f"## Notes on these results (hand-written, from `{NOTES_NAME}`)", "",
                   notes.read_text().strip(), ""]
+    lines += ["## GPU device check", ""]
+    if not device_checks:
+        lines += [f"No GPU device check has been recorded yet. On a GPU machine run `{DEVICE_CHECK}` (estimated 4-6 "
+                  f"minutes, capped at 7.5: builds, kernel checks, compute-sanitizer, whole generator, timings), then "
+                  f"`{DEVICE_INGEST}` here; its tables appear in this section.", ""]
+    for recs in device_checks.values():
+        lines += device_check_section(recs)
     lines += ["## Backends", ""]
     if not backends:
         lines += ["(no backend results yet)", ""]

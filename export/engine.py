@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,6 +30,7 @@ INSTALL_HINT = ("install TensorRT-RTX (`pip install tensorrt-rtx-cu13`, builds a
 # TensorRT-RTX cannot compile fp32 GEMMs for Turing (SM75) at all, so the default ahead-of-time targets are the
 # supported architectures from Ampere (8.0) on.
 DEFAULT_AOT_MIN_CC = (8, 0)
+HOPPER = (9, 0)
 
 
 class EngineError(ValueError):
@@ -141,6 +143,18 @@ def rtx_targets(trt: ModuleType) -> dict[tuple[int, int], Any]:
     return out
 
 
+def hopper_note(flavour: str, version: str, cc_label: str) -> str | None:
+    """The statement a TensorRT-RTX engine carries when it cannot run on Hopper (H100/H200), else None.
+
+    TensorRT-RTX targets consumer and workstation GPUs (sm80/86/89/120/121 in 1.7); it builds no sm90 code, so an
+    H100/H200 needs an engine built by full TensorRT on that machine.
+    """
+    if flavour != "tensorrt_rtx" or HOPPER in engine_targets({"compute_capability": cc_label}):
+        return None
+    return (f"TensorRT-RTX {version} engines target {cc_label.removeprefix('aot:')} only: this one does not run on "
+            "Hopper (H100/H200, compute capability 9.0); build one there with full TensorRT (the tensorrt package)")
+
+
 def engine_targets(entry: dict[str, Any]) -> list[tuple[int, int]]:
     """The compute capabilities a manifest engine entry runs on ('9.0' or 'aot:8.6,8.9')."""
     spec = str(entry.get("compute_capability", ""))
@@ -220,7 +234,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "f
     Returns:
         the manifest engine entry: {file, graph, onnx_file, precision, trt_flavour, trt_version,
         compute_capability ('8.9' or 'aot:8.0,8.6,...'), profile {min_batch, opt_batch, max_batch},
-        plugins [{file, sha256}]}.
+        plugins [{file, sha256}]}, and target_note for a TensorRT-RTX engine that cannot run on Hopper (also
+        printed as one line on stderr).
     Raises:
         EngineError (a ValueError) with a one-line reason; FileExistsError if the engine file exists.
     """
@@ -269,6 +284,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "f
             unsupported_hint = (f" (TensorRT-RTX {version} officially supports "
                                 f"{', '.join(map(cc_str, sorted(supported)))})")
 
+    note = hopper_note(flav, version, cc_label)
+    if note is not None:
+        print(f"stylecast: note: {note}", file=sys.stderr)
     graph = "synthesis"
     fname = _engine_name(graph, precision, flav, version, cc_label)
     dest = out_dir / fname
@@ -349,6 +367,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "f
         "compute_capability": cc_label,
         "profile": {"min_batch": min_batch, "opt_batch": opt_batch, "max_batch": max_batch},
         "plugins": plugins,
+        **({"target_note": note} if note else {}),
     }
 
 

@@ -95,6 +95,8 @@ def validate_manifest(doc: Any) -> list[str]:
                 errors.append(f"manifest.engines[{i}]: missing '{key}'")
         if eng.get("file") not in files:
             errors.append(f"manifest.engines[{i}].file: not listed in manifest.files")
+        if "target_note" in eng and not isinstance(eng["target_note"], str):
+            errors.append(f"manifest.engines[{i}].target_note: expected a string")
         plugins = eng.get("plugins") or []
         if not isinstance(plugins, list):
             errors.append(f"manifest.engines[{i}].plugins: expected a list")

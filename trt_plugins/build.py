@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,20 +101,47 @@ def find_cuda_headers(nvcc: Path | None) -> Path | None:
     return None
 
 
-def cmake_archs(archs: str) -> str:
-    """'80;90' -> '80-real;90': SASS for every arch, PTX only for the newest (forward compatibility)."""
-    items = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
-    if not items or not all(a.isdigit() for a in items):
-        raise BuildError(f"--cuda-archs must look like '80;90', got {archs!r}")
-    return ";".join([f"{a}-real" for a in items[:-1]] + [items[-1]])
+ARCH_RE = re.compile(r"(\d)(\d)(a?)")
 
 
-def torch_arch_list(archs: str) -> str:
-    """'80;90' -> '8.0;9.0+PTX' (TORCH_CUDA_ARCH_LIST notation)."""
+def parse_archs(archs: str) -> list[str]:
+    """'80;90a' -> ['80', '90a']: compute capabilities without the dot, an optional 'a' for the arch-specific
+    target (sm_90a: Hopper-only instructions such as wgmma; its code runs on that exact architecture only).
+
+    Raises:
+        BuildError: on anything else.
+    """
     items = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
-    out = [f"{a[:-1]}.{a[-1]}" for a in items]
-    out[-1] += "+PTX"
+    if not items or not all(ARCH_RE.fullmatch(a) for a in items):
+        raise BuildError(f"--cuda-archs must look like '80;90' or '90a', got {archs!r}")
+    return items
+
+
+def cmake_archs(archs: str, ptx: bool = True) -> str:
+    """'80;90' -> '80-real;90': SASS for every arch, PTX only for the newest (forward compatibility);
+    ptx=False: SASS only ('90a' -> '90a-real', i.e. -gencode=arch=compute_90a,code=sm_90a)."""
+    items = parse_archs(archs)
+    return ";".join([f"{a}-real" for a in items[:-1]] + [items[-1] if ptx else f"{items[-1]}-real"])
+
+
+def torch_arch_list(archs: str, ptx: bool = True) -> str:
+    """'80;90' -> '8.0;9.0+PTX', '90a' -> '9.0a+PTX' (TORCH_CUDA_ARCH_LIST notation); ptx=False: no PTX."""
+    out = []
+    for a in parse_archs(archs):
+        major, minor, suffix = ARCH_RE.fullmatch(a).groups()
+        out.append(f"{major}.{minor}{suffix}")
+    if ptx:
+        out[-1] += "+PTX"
     return ";".join(out)
+
+
+def gencode_flags(archs: str, ptx: bool = True) -> list[str]:
+    """The nvcc -gencode flags both builds pass for `archs` (what the device check records)."""
+    items = parse_archs(archs)
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in items]
+    if ptx:
+        flags.append(f"-gencode=arch=compute_{items[-1]},code=compute_{items[-1]}")
+    return flags
 
 
 def _run(cmd: list[str], cwd: Path | None = None, quiet: bool = False) -> None:
@@ -127,9 +155,9 @@ def _run(cmd: list[str], cwd: Path | None = None, quiet: bool = False) -> None:
 
 
 def build_cmake(build_dir: Path, archs: str, cuda: bool = True, emulation: bool = True, jobs: int | None = None,
-                quiet: bool = False) -> dict[str, str]:
+                quiet: bool = False, ptx: bool = True) -> dict[str, str]:
     """Configure and build with CMake; returns {artifact name: path} for what was built."""
-    cuda_archs = cmake_archs(archs)  # validate before touching the disk
+    cuda_archs = cmake_archs(archs, ptx)  # validate before touching the disk
     if shutil.which("cmake") is None:
         raise BuildError("cmake not found on PATH")
     trt = find_tensorrt_headers()
@@ -163,7 +191,7 @@ def build_cmake(build_dir: Path, archs: str, cuda: bool = True, emulation: bool 
     return artifacts
 
 
-def build_torch_extension(build_dir: Path, archs: str, verbose: bool = True) -> str:
+def build_torch_extension(build_dir: Path, archs: str, verbose: bool = True, ptx: bool = True) -> str:
     """Compile `stylecast_ops_cuda` with torch.utils.cpp_extension (ninja); returns the .so path."""
     cuda_home = find_cuda_home(find_nvcc())
     if cuda_home is None:
@@ -175,7 +203,7 @@ def build_torch_extension(build_dir: Path, archs: str, verbose: bool = True) -> 
     except ImportError as exc:  # pragma: no cover - torch is a project dependency
         raise BuildError(f"the PyTorch extension needs torch: {exc}") from exc
     # Without a GPU torch would guess the archs; pin them (and so the compile time).
-    os.environ["TORCH_CUDA_ARCH_LIST"] = torch_arch_list(archs)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = torch_arch_list(archs, ptx)
     out_dir = build_dir / "torch_ext"
     out_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
@@ -201,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR, help="CMake binary directory")
     parser.add_argument("--cuda-archs", default=DEFAULT_ARCHS,
-                        help="compute capabilities without dots, ';'-separated ($STYLECAST_CUDA_ARCHS)")
+                        help="compute capabilities without dots, ';'-separated, 'a' for an arch-specific target "
+                             "such as 90a ($STYLECAST_CUDA_ARCHS)")
+    parser.add_argument("--no-ptx", action="store_true",
+                        help="SASS only: no PTX of the newest arch for forward compatibility")
+    parser.add_argument("--no-cmake", action="store_true",
+                        help="skip the CMake targets (with --torch-ext: the extension alone)")
     parser.add_argument("--no-cuda", action="store_true", help="CPU targets only (harness, emulation)")
     parser.add_argument("--no-emulation", action="store_true", help="skip the CPU harness and emulation libraries")
     parser.add_argument("--torch-ext", action="store_true", help="also build the stylecast_ops_cuda extension")
@@ -211,11 +244,14 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.monotonic()
     try:
-        artifacts = build_cmake(args.build_dir.resolve(), args.cuda_archs, cuda=not args.no_cuda,
-                                emulation=not args.no_emulation, jobs=args.jobs, quiet=args.quiet)
+        artifacts: dict[str, str] = {}
+        if not args.no_cmake:
+            artifacts = build_cmake(args.build_dir.resolve(), args.cuda_archs, cuda=not args.no_cuda,
+                                    emulation=not args.no_emulation, jobs=args.jobs, quiet=args.quiet,
+                                    ptx=not args.no_ptx)
         if args.torch_ext:
             artifacts["torch_ext"] = build_torch_extension(args.build_dir.resolve(), args.cuda_archs,
-                                                           verbose=not args.quiet)
+                                                           verbose=not args.quiet, ptx=not args.no_ptx)
     except BuildError as exc:
         print(f"trt_plugins.build: {exc}", file=sys.stderr)
         return 2

@@ -8,8 +8,10 @@ from the code under test.
 from __future__ import annotations
 
 import math
+import re
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -566,9 +568,15 @@ def test_bad_impl_string_is_rejected(op):
         OPS[op]("fast")
 
 
-@pytest.mark.parametrize("op", sorted(OPS))
-def test_impl_cuda_on_cpu_tensors_is_a_clear_error(op):
-    with pytest.raises(ValueError, match=f"{op}: impl='cuda' needs CUDA tensors"):
+def test_impl_cuda_on_cpu_tensors_is_a_clear_error():
+    with pytest.raises(ValueError, match="modulated_conv2d: impl='cuda' needs CUDA tensors"):
+        OPS["modulated_conv2d"]("cuda")
+
+
+@pytest.mark.parametrize("op", ["bias_act", "upfirdn2d"])
+def test_impl_cuda_on_an_op_without_a_kernel_says_so(op):
+    # Whatever the device: these ops have no kernel, so asking for one is a usage error, not a missing build.
+    with pytest.raises(ValueError, match=f"{op}: there is no CUDA kernel for this op"):
         OPS[op]("cuda")
 
 
@@ -597,30 +605,165 @@ def test_strict_ops_unset_is_lenient(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", sorted(OPS))
-def test_strict_ops_on_cuda_without_extension(op, monkeypatch):
+def test_strict_ops_on_cuda_without_extension(monkeypatch):
     """impl='auto' on CUDA tensors without the compiled extension: one warning and the reference, or an
     error under STYLECAST_STRICT_OPS=1."""
-    monkeypatch.setattr(_dispatch, "_ext_loaded", False)
-    monkeypatch.setattr(_dispatch, "_ext", None)
-    monkeypatch.setattr(_dispatch, "_warned", set())
     monkeypatch.setenv("STYLECAST_OPS_LIBRARY", "")
-    if _dispatch.load_extension() is not None and hasattr(_dispatch._ext, op):
+    _dispatch.reset_extension()
+    monkeypatch.setattr(_dispatch, "_ext_loaded", False)
+    if _dispatch.load_extension() is not None:
+        _dispatch.reset_extension()
         pytest.skip("the CUDA extension is installed; this test covers the fallback")
     x = torch.randn(1, 2, 4, 4, device="cuda")
-    f = setup_filter([1, 3, 3, 1], device="cuda")
-    calls = {
-        "upfirdn2d": lambda impl: upfirdn2d(x, f, padding=1, impl=impl),
-        "bias_act": lambda impl: bias_act(x, torch.zeros(2, device="cuda"), impl=impl),
-        "modulated_conv2d": lambda impl: modulated_conv2d(x, torch.randn(3, 2, 3, 3, device="cuda"),
-                                                          torch.ones(1, 2, device="cuda"), impl=impl),
-    }
+
+    def call(impl):
+        return modulated_conv2d(x, torch.ones(3, 2, 3, 3, device="cuda"), torch.ones(1, 2, device="cuda"), impl=impl)
+
     monkeypatch.setenv("STYLECAST_STRICT_OPS", "1")
     with pytest.raises(RuntimeError, match="STYLECAST_STRICT_OPS"):
-        calls[op]("auto")
+        call("auto")
     monkeypatch.setenv("STYLECAST_STRICT_OPS", "0")
     with pytest.warns(RuntimeWarning, match="reference"):
-        y = calls[op]("auto")
-    torch.testing.assert_close(y, calls[op]("ref"))
+        y = call("auto")
+    torch.testing.assert_close(y, call("ref"))
     with pytest.raises(RuntimeError, match="not available"):
-        calls[op]("cuda")
+        call("cuda")
+    _dispatch.reset_extension()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["bias_act", "upfirdn2d"])
+def test_ops_without_a_kernel_run_on_cuda_under_strict_ops(op, monkeypatch):
+    monkeypatch.setenv("STYLECAST_STRICT_OPS", "1")
+    x = torch.randn(1, 2, 4, 4, device="cuda")
+    calls = {"upfirdn2d": lambda impl: upfirdn2d(x, setup_filter([1, 3, 3, 1], device="cuda"), padding=1, impl=impl),
+             "bias_act": lambda impl: bias_act(x, torch.zeros(2, device="cuda"), act="lrelu", impl=impl)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(calls[op]("auto"), calls[op]("ref"), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatch on CUDA tensors, on the CPU: a tensor subclass that reports is_cuda, and a fake extension that holds
+# the binding to its contract (trt_plugins/src/torchExtension.cpp) and computes with the reference.
+
+
+class FakeCudaTensor(torch.Tensor):
+    """A CPU tensor that says it lives on a CUDA device (ops on it keep the subclass)."""
+
+    @property
+    def is_cuda(self):  # noqa: D401 - mirrors torch.Tensor.is_cuda
+        return True
+
+
+class FakeExtension:
+    """Stands in for stylecast_ops_cuda: checks the arguments as the C++ binding does, records each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def modulated_conv2d(self, x, weight, styles, demodulate, up, resample_filter, noise, bias, act, gain, clamp,
+                         skip, out=None, poison=False):
+        n, _, h, w = x.shape
+        if noise is not None:
+            # torchExtension.cpp: TORCH_CHECK(noise.dim() == 4 && noise.size(1) == 1 && ...)
+            assert noise.dim() == 4 and noise.shape[1] == 1 and tuple(noise.shape[2:]) == (h * up, w * up) \
+                and noise.shape[0] in (1, n), f"noise must be [1 or N, 1, H*up, W*up], got {tuple(noise.shape)}"
+        assert act in ("linear", "lrelu", "relu") and (gain == -1.0 or gain >= 0) and (clamp == -1.0 or clamp >= 0)
+        self.calls.append(tuple(x.shape))
+        plain = [None if t is None else t.as_subclass(torch.Tensor) for t in (x, weight, styles, noise, bias, skip)]
+        return modulated_conv2d(plain[0], plain[1], plain[2], demodulate=demodulate, up=up,
+                                resample_filter=resample_filter, noise=plain[3], bias=plain[4], act=act,
+                                gain=None if gain < 0 else gain, clamp=None if clamp < 0 else clamp, skip=plain[5],
+                                impl="ref")
+
+
+@pytest.fixture
+def fake_extension(monkeypatch):
+    ext = FakeExtension()
+    monkeypatch.setattr(_dispatch, "_ext", ext)
+    monkeypatch.setattr(_dispatch, "_ext_loaded", True)
+    monkeypatch.setattr(_dispatch, "_ext_error", None)
+    return ext
+
+
+def _fake_cuda(t):
+    return t.as_subclass(FakeCudaTensor)
+
+
+def test_dispatch_registry_names_only_ops_with_kernels():
+    # The extension binds exactly these ops (PYBIND11_MODULE in torchExtension.cpp); the rest are reference-only.
+    src = (Path(__file__).resolve().parents[2] / "trt_plugins" / "src" / "torchExtension.cpp").read_text()
+    bound = set(re.findall(r'm\.def\("(\w+)"', src))
+    assert bound == set(_dispatch.KERNEL_OPS) == {"modulated_conv2d"}
+
+
+def test_auto_on_cuda_calls_the_extension_and_strict_ops_accept_it(fake_extension, monkeypatch):
+    monkeypatch.setenv("STYLECAST_STRICT_OPS", "1")
+    torch.manual_seed(0)
+    x, weight, styles = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(2, 4)
+    with torch.no_grad():
+        got = modulated_conv2d(_fake_cuda(x), weight, styles, impl="auto")
+    assert fake_extension.calls == [(2, 4, 5, 5)]
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), modulated_conv2d(x, weight, styles, impl="ref"))
+
+
+def test_strict_ops_still_catch_a_missing_modulated_conv2d(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_ext", object())  # an extension without the op
+    monkeypatch.setattr(_dispatch, "_ext_loaded", True)
+    monkeypatch.setenv("STYLECAST_STRICT_OPS", "1")
+    x = _fake_cuda(torch.randn(1, 2, 4, 4))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="STYLECAST_STRICT_OPS=1 .*op missing"):
+        modulated_conv2d(x, torch.randn(3, 2, 3, 3), torch.ones(1, 2), impl="auto")
+
+
+@pytest.mark.parametrize("op", ["bias_act", "upfirdn2d"])
+def test_ops_without_a_kernel_are_no_missing_fast_version(op, fake_extension, monkeypatch):
+    """On CUDA tensors under STYLECAST_STRICT_OPS=1, bias_act and upfirdn2d run their reference without error or
+    warning: there is no kernel to miss (the extension, like the real one, has none for them)."""
+    monkeypatch.setenv("STYLECAST_STRICT_OPS", "1")
+    x = torch.randn(1, 2, 6, 6)
+    calls = {"upfirdn2d": lambda t, impl: upfirdn2d(t, setup_filter([1, 3, 3, 1]), up=2, padding=1, impl=impl),
+             "bias_act": lambda t, impl: bias_act(t, torch.ones(2), act="lrelu", impl=impl)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = calls[op](_fake_cuda(x), "auto")
+    assert torch.equal(got.as_subclass(torch.Tensor), calls[op](x, "ref"))
+    assert fake_extension.calls == []
+
+
+def test_generator_on_cuda_passes_the_kernel_its_contract(fake_extension, monkeypatch):
+    """The whole synthesis through the dispatcher: const noise ([H, W]) reaches the kernel as [1, 1, H, W], every
+    modulated layer calls the extension, and the image equals the reference's."""
+    from training.networks import Generator, GeneratorConfig
+
+    monkeypatch.setenv("STYLECAST_STRICT_OPS", "1")
+    torch.manual_seed(0)
+    G = Generator(GeneratorConfig.tiny(resolution=16, w_dim=16, max_channels=16, min_channels=8)).eval()
+    with torch.no_grad():
+        for name, p in G.named_parameters():
+            if name.endswith("noise_strength"):
+                p.fill_(0.3)
+        ws = torch.randn(2, G.num_ws, G.w_dim)
+        got = G.synthesis(_fake_cuda(ws), noise_mode="const", impl="auto")
+        ref = G.synthesis(ws, noise_mode="const", impl="ref")
+    assert len(fake_extension.calls) == 3 * 3 - 1  # 4 px: conv + to-RGB; 8, 16 px: up-conv, conv, to-RGB
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), ref)
+
+
+def test_dualstylegan_on_cuda_runs_under_strict_ops(fake_extension, monkeypatch):
+    """DualStyleGAN's ModRes blocks call bias_act (no kernel): under STYLECAST_STRICT_OPS=1 on CUDA tensors the
+    forward must not raise, and it must equal the reference."""
+    from training.dualstyle.model import DualStyleGAN
+    from training.networks import Generator, GeneratorConfig
+
+    monkeypatch.setenv("STYLECAST_STRICT_OPS", "1")
+    torch.manual_seed(0)
+    D = DualStyleGAN.from_generator(Generator(GeneratorConfig.tiny(resolution=16, w_dim=16, max_channels=16,
+                                                                   min_channels=8)), res_index=2).eval()
+    ws, ex = torch.randn(2, D.num_ws, D.w_dim), torch.randn(2, D.num_ws, D.w_dim)
+    with torch.no_grad():
+        got = D(_fake_cuda(ws), _fake_cuda(ex), impl="auto")
+        ref = D(ws, ex, impl="ref")
+    assert fake_extension.calls
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), ref)

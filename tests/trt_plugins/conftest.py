@@ -60,13 +60,17 @@ def plugin_build() -> dict:
 
 
 @pytest.fixture(scope="session")
+def ci_build_args(plugin_build) -> list[str]:
+    """The device check's --build-dir / --cuda-arch for the CI build above (a dry run then rebuilds nothing)."""
+    return ["--build-dir", str(CI_BUILD_DIR), "--cuda-arch", _cuda_archs()]
+
+
+@pytest.fixture(scope="session")
 def emulator(plugin_build):
     """ctypes handle on libstylecast_emu.so (the real kernel source running on the CPU)."""
-    import ctypes
+    from benchmarks.device.kernels import load_emulator
 
-    lib = ctypes.CDLL(plugin_build["emulator"])
-    lib.stylecastEmuModulatedConv2d.restype = ctypes.c_int32
-    return lib
+    return load_emulator(plugin_build["emulator"])
 
 
 @pytest.fixture(scope="session")

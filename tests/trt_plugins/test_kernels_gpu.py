@@ -1,65 +1,27 @@
 """GPU checks of the modulated-conv CUDA kernels (both bindings) against the reference ops (impl="ref").
 
-Tolerances (scale = max |reference before the clamp|):
-    fp32: max |err| <= 1e-4 * scale vs a float64 reference (the kernels accumulate in fp32; summation order only).
-    fp16: max |err| <= 2e-3 * scale vs a float64 reference on the same fp16-rounded inputs (one output rounding,
-          2^-11 relative, dominates), and <= 1e-2 * scale vs the fp16 reference itself (which rounds after every op).
-TF32 is switched off for the references: cuDNN would otherwise round the fp32 reference to 10 mantissa bits.
+The cases, the float64 reference and the tolerances are the device check's (benchmarks/device/kernels.py, whose
+docstring justifies them): every config-f layer shape of a 1024 px generator at batch 1 and 8, and odd shapes,
+fp32 and fp16, with a NaN-poisoned output and workspace. TF32 is switched off for the references: cuDNN would
+otherwise round the fp32 reference to 10 mantissa bits.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import random
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.device.builds import cuda_tool
+from benchmarks.device.kernels import check_case, config_f_cases, cuda_runner, odd_cases
 from training.ops.modulated_conv2d import modulated_conv2d
 from training.ops.upfirdn2d import setup_filter
 
 pytestmark = pytest.mark.gpu
 
-
-def channels(res: int) -> int:
-    """StyleGAN2 config-f channel count at a resolution (channel_base 32768, channel_max 512)."""
-    return min(32768 // res, 512)
-
-
-def config_f_layers() -> list[tuple]:
-    """(name, N, I, O, H_in, k, up, kind) for every synthesis layer of a 1024 px config-f generator."""
-    layers = []
-    batches = [1, 2, 3, 5, 8]
-    for idx, res in enumerate([8, 16, 32, 64, 128, 256, 512, 1024]):
-        n = batches[idx % len(batches)]
-        layers.append((f"up_{res}", n, channels(res // 2), channels(res), res // 2, 3, 2, "conv"))
-        layers.append((f"conv_{res}", batches[(idx + 1) % len(batches)], channels(res), channels(res), res, 3, 1,
-                       "conv"))
-        layers.append((f"torgb_{res}", batches[(idx + 2) % len(batches)], channels(res), 3, res, 1, 1, "rgb"))
-    return layers
-
-
-def random_layers(count: int = 12, seed: int = 0) -> list[tuple]:
-    """Odd shapes with every optional part toggled.
-
-    Returns (name, N, I, O, H, W, k, up, demod, noise (0 none, 1 broadcast, -1 per sample), bias, act, clamp, skip).
-    """
-    rng = random.Random(seed)
-    out = []
-    for idx in range(count):
-        up = rng.choice([1, 2])
-        k = rng.choice([1, 3, 3]) if up == 1 else 3
-        to_rgb = k == 1 and rng.random() < 0.5
-        o = 3 if to_rgb else rng.choice([1, 5, 64, 65, 130])
-        out.append((f"random_{idx}", rng.randint(1, 8), rng.choice([3, 16, 37, 128, 300]), o, rng.randint(1, 21),
-                    rng.randint(1, 21), k, up, not to_rgb and rng.random() < 0.7, rng.choice([0, 1, -1]),
-                    rng.random() < 0.7, "linear" if to_rgb else rng.choice(["linear", "lrelu"]),
-                    rng.choice([None, None, 0.7, 256.0]), to_rgb or rng.random() < 0.2))
-    return out
+CASES = odd_cases() + config_f_cases(1024, (1, 8))
 
 
 @pytest.fixture(autouse=True)
@@ -83,53 +45,23 @@ def make_inputs(n, i, o, h, w, k, up, noise_batch, has_bias, has_skip, dtype, se
     return [None if t is None else t.to(dtype) for t in (x, weight, styles, noise, bias, skip)]
 
 
-def compare(ext, inputs, dtype, **kwargs):
-    x, weight, styles, noise, bias, skip = inputs
-    f = setup_filter([1, 3, 3, 1], device="cuda")
-    gain = -1.0
-    got = ext.modulated_conv2d(x, weight, styles, kwargs["demodulate"], kwargs["up"], f, noise, bias, kwargs["act"],
-                               gain, -1.0 if kwargs["clamp"] is None else kwargs["clamp"], skip)
-    torch.cuda.synchronize()
-    f64 = lambda t: None if t is None else t.double()  # noqa: E731
-    ref_kwargs = dict(resample_filter=f.double(), noise=f64(noise), bias=f64(bias), skip=f64(skip), impl="ref",
-                      **{k: v for k, v in kwargs.items() if k != "clamp"})
-    ref = modulated_conv2d(f64(x), f64(weight), f64(styles), clamp=kwargs["clamp"], **ref_kwargs)
-    assert got.dtype == dtype and got.shape == ref.shape
-    assert torch.isfinite(got).all()
-    # Output scale before the clamp: rounding errors scale with the pre-clamp values.
-    scale = max(modulated_conv2d(f64(x), f64(weight), f64(styles), clamp=None, **ref_kwargs).abs().max().item(), 1e-6)
-    err = (got.double() - ref).abs().max().item()
-    tol = 1e-4 if dtype == torch.float32 else 2e-3
-    assert err <= tol * scale, f"max|err| {err:.3e} > {tol:.0e} * scale {scale:.3e}"
-    if dtype == torch.float16:
-        ref16 = modulated_conv2d(x, weight, styles, resample_filter=f, noise=noise, bias=bias, skip=skip, impl="ref",
-                                 **kwargs)
-        err16 = (got.float() - ref16.float()).abs().max().item()
-        assert err16 <= 1e-2 * scale, f"vs fp16 reference: max|err| {err16:.3e} > 1e-2 * scale {scale:.3e}"
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernels_match_reference(torch_ext, case, precision):
+    seed = 2 * CASES.index(case) + (precision == "fp16")
+    rec = check_case(case, precision, seed=seed, run=cuda_runner(torch_ext), device="cuda")
+    assert rec["status"] == "ok", rec["reason"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("layer", config_f_layers(), ids=lambda layer: layer[0])
-def test_config_f_layers_match_reference(torch_ext, layer, dtype):
-    name, n, i, o, h, k, up, kind = layer
-    if kind == "rgb":
-        inputs = make_inputs(n, i, o, h, h, k, 1, 0, True, True, dtype, seed=h)
-        compare(torch_ext, inputs, dtype, demodulate=False, up=1, act="linear", clamp=256.0)
-    else:
-        inputs = make_inputs(n, i, o, h, h, k, up, 1, True, False, dtype, seed=h + up)
-        compare(torch_ext, inputs, dtype, demodulate=True, up=up, act="lrelu", clamp=256.0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("layer", random_layers(), ids=lambda layer: layer[0])
-def test_random_layers_match_reference(torch_ext, layer, dtype):
-    name, n, i, o, h, w, k, up, demod, noise_mode, has_bias, act, clamp, has_skip = layer
-    out_h, out_w = h * up, w * up
-    if has_skip and (out_h % 2 or out_w % 2):
-        h, w = h + (out_h % 2), w + (out_w % 2)  # skip needs an even output size
-    noise_batch = {0: 0, 1: 1, -1: n}[noise_mode]
-    inputs = make_inputs(n, i, o, h, w, k, up, noise_batch, has_bias, has_skip, dtype, seed=int(name.split("_")[1]))
-    compare(torch_ext, inputs, dtype, demodulate=demod, up=up, act=act, clamp=clamp)
+def test_extension_checks_its_out_argument(torch_ext):
+    x, weight, styles, *_ = make_inputs(1, 8, 4, 4, 4, 3, 1, 0, False, False, torch.float32, 3)
+    wrong = torch.empty(1, 4, 5, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch_ext.modulated_conv2d(x, weight, styles, True, 1, None, None, None, "linear", -1.0, -1.0, None, out=wrong)
+    out = torch.full((1, 4, 4, 4), float("nan"), device="cuda")
+    got = torch_ext.modulated_conv2d(x, weight, styles, True, 1, None, None, None, "linear", -1.0, -1.0, None,
+                                     out=out, poison=True)
+    assert got.data_ptr() == out.data_ptr() and torch.isfinite(out).all()
 
 
 def test_dispatcher_uses_extension(torch_ext, monkeypatch):
@@ -175,20 +107,10 @@ def test_plugin_enqueue_on_device_buffers(plugin_build):
     assert "PASS enqueue_large_up2_fp16" in proc.stdout
 
 
-def _compute_sanitizer() -> str | None:
-    found = shutil.which("compute-sanitizer")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "compute-sanitizer").is_file():
-            return str(Path(home) / "bin" / "compute-sanitizer")
-    return None
-
-
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck"])
 def test_compute_sanitizer(plugin_build, tool):
     """Every kernel, both dtypes, odd multi-tile shapes, under compute-sanitizer (via the GPU harness)."""
-    sanitizer = _compute_sanitizer()
+    sanitizer = cuda_tool("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
     if "harness_gpu" not in plugin_build:

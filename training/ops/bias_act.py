@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import extension, use_cuda_impl
+from ._dispatch import use_cuda_impl
 
 # Default gains keep the activations' second moment: sqrt(2) for leaky ReLU as in StyleGAN2.
 ACTIVATIONS = {
@@ -29,7 +29,8 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, dim: int = 1, act: 
         act: "linear", "lrelu" (slope alpha) or "relu".
         gain: multiplier after the activation; None uses the activation's default (sqrt(2) for lrelu).
         clamp: symmetric clamp after the gain (NVlabs uses 256 to keep fp16 finite) or None.
-        impl: "ref" | "cuda" | "auto".
+        impl: "ref" | "auto" (both run stock torch ops, on any device); "cuda" is an error: there is no
+            separate kernel (in the synthesis network the modulated-conv kernel fuses this epilogue).
     Returns:
         tensor of x's shape and dtype.
     """
@@ -40,8 +41,8 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, dim: int = 1, act: 
     if clamp is not None and clamp < 0:
         raise ValueError(f"bias_act: clamp must be >= 0, got {clamp}")
     gain = ACTIVATIONS[act] if gain is None else float(gain)
-    if use_cuda_impl("bias_act", impl, x, b):
-        return extension().bias_act(x, b, dim, act, alpha, gain, -1.0 if clamp is None else clamp)
+    # Validates impl; bias_act has no kernel of its own (training.ops._dispatch says why), so this is its path.
+    use_cuda_impl("bias_act", impl, x, b)
 
     if b is not None:
         shape = [1] * x.ndim

@@ -56,7 +56,7 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
         demodulate: normalise each output channel to unit expected variance (False for to-RGB).
         up: 1, or 2 for the upsampling layer (stride-2 transposed conv followed by the blur filter).
         resample_filter: [f, f] FIR filter (sum 1) used when up=2 and for `skip`.
-        noise: [N or 1, 1, H', W'] noise already multiplied by its strength, or None.
+        noise: [N or 1, 1, H', W'] (or [H', W'], broadcast) noise already multiplied by its strength, or None.
         bias: [O] bias added before the activation, or None.
         act: "linear" or "lrelu".
         gain: activation gain (None: the activation's default, sqrt(2) for lrelu).
@@ -68,6 +68,10 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     """
     _check_shapes(x, weight, styles, up, resample_filter, skip)
     if use_cuda_impl("modulated_conv2d", impl, x, weight, styles, noise, bias, skip):
+        if noise is not None and noise.ndim == 2:
+            # The synthesis layers' const noise is one [H', W'] image that broadcasts over batch and channels;
+            # the kernel takes the same broadcast as [1, 1, H', W'].
+            noise = noise.reshape(1, 1, *noise.shape)
         return extension().modulated_conv2d(
             x, weight, styles, demodulate, up, resample_filter, noise, bias, act,
             -1.0 if gain is None else float(gain), -1.0 if clamp is None else float(clamp), skip)

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import extension, use_cuda_impl
+from ._dispatch import use_cuda_impl
 
 
 def setup_filter(f: Sequence[float] | torch.Tensor, normalize: bool = True, separable: bool = False,
@@ -60,7 +60,8 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor, up: int = 1, down: int = 1,
         padding: [px0, px1, py0, py1] applied after upsampling (negative values crop).
         flip_filter: use correlation instead of convolution.
         gain: overall scaling of the filter (e.g. up**2 to keep brightness when upsampling).
-        impl: "ref" | "cuda" | "auto".
+        impl: "ref" | "auto" (both run stock torch ops, on any device); "cuda" is an error: there is no
+            separate kernel (the synthesis network's x2 blur is fused into the modulated-conv kernel).
     Returns:
         [N, C, (H*up + py0 + py1 - fh) // down + 1, (W*up + px0 + px1 - fw) // down + 1].
     """
@@ -69,8 +70,8 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor, up: int = 1, down: int = 1,
     if up < 1 or down < 1:
         raise ValueError(f"up and down must be >= 1, got up={up}, down={down}")
     px0, px1, py0, py1 = _parse_padding(padding)
-    if use_cuda_impl("upfirdn2d", impl, x, f):
-        return extension().upfirdn2d(x, f, up, down, px0, px1, py0, py1, flip_filter, gain)
+    # Validates impl; upfirdn2d has no kernel of its own (training.ops._dispatch says why), so this is its path.
+    use_cuda_impl("upfirdn2d", impl, x, f)
     return _upfirdn2d_ref(x, f, up, down, (px0, px1, py0, py1), flip_filter, gain)
 
 

@@ -48,14 +48,19 @@ namespace
 // Launch and type helpers
 // ---------------------------------------------------------------------------------------------------------------
 
+//! Launch one kernel and return its launch status (0 or a cudaError_t). Every launch is checked on its own:
+//! a later kernel must never run on the unwritten output of one that failed to launch.
 template <typename... KernelArgs, typename... Args>
-void launchKernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, StreamHandle stream, Args const&... args)
+[[nodiscard]] int32_t launchKernel(
+    void (*kernel)(KernelArgs...), dim3 grid, dim3 block, StreamHandle stream, Args const&... args)
 {
 #if defined(STYLECAST_EMULATE)
     (void) stream;
     ::stylecast::emu::launch(grid, block, [&]() { kernel(args...); });
+    return 0;
 #else
     kernel<<<grid, block, 0, stream>>>(args...);
+    return static_cast<int32_t>(cudaGetLastError());
 #endif
 }
 
@@ -807,9 +812,14 @@ __global__ void __launch_bounds__(kPOINTWISE_THREADS) toRgbKernel(
     {
         int32_t const y = pixel / ep.outW;
         int32_t const xPos = pixel - y * ep.outW;
-        for (int32_t o = 0; o < outChannels; ++o)
+        // A compile-time loop bound keeps acc[] in registers (a run-time bound indexes it from local memory).
+#pragma unroll
+        for (int32_t o = 0; o < kRGB_MAX_OUT; ++o)
         {
-            applyEpilogue(ep, acc[o], n, o, y, xPos, sFilter, fp.size);
+            if (o < outChannels)
+            {
+                applyEpilogue(ep, acc[o], n, o, y, xPos, sFilter, fp.size);
+            }
         }
     }
 }
@@ -876,10 +886,17 @@ int32_t enqueueTyped(ModConvShape const& s, ModConvAttributes const& attrs, ModC
         float* wsq = reinterpret_cast<float*>(ws + layout.wsqOffset);
         float* demod = reinterpret_cast<float*>(ws + layout.demodOffset);
         int32_t const count = s.outChannels * s.inChannels;
-        launchKernel(weightSquareKernel<T>, pointwiseGrid(count), dim3(kREDUCE_THREADS), stream, weight, wsq,
-            count, k * k);
-        launchKernel(demodKernel<T>, dim3(s.outChannels), dim3(kREDUCE_THREADS), stream, styles,
-            static_cast<float const*>(wsq), demod, s.batch, s.inChannels, s.outChannels);
+        int32_t status = launchKernel(weightSquareKernel<T>, pointwiseGrid(count), dim3(kREDUCE_THREADS), stream,
+            weight, wsq, count, k * k);
+        if (status == 0)
+        {
+            status = launchKernel(demodKernel<T>, dim3(s.outChannels), dim3(kREDUCE_THREADS), stream, styles,
+                static_cast<float const*>(wsq), demod, s.batch, s.inChannels, s.outChannels);
+        }
+        if (status != 0)
+        {
+            return status;
+        }
         ep.demod = demod;
     }
     ep.noise = static_cast<T const*>(t.noise);
@@ -909,8 +926,8 @@ int32_t enqueueTyped(ModConvShape const& s, ModConvAttributes const& attrs, ModC
     {
         int32_t const numPixels = s.height * s.width;
         dim3 const grid((numPixels + kPOINTWISE_THREADS - 1) / kPOINTWISE_THREADS, s.batch);
-        launchKernel(toRgbKernel<T>, grid, dim3(kPOINTWISE_THREADS), stream, x, weight, styles, s.inChannels,
-            numPixels, ep, fp);
+        return launchKernel(toRgbKernel<T>, grid, dim3(kPOINTWISE_THREADS), stream, x, weight, styles,
+            s.inChannels, numPixels, ep, fp);
     }
     else
     {
@@ -974,44 +991,37 @@ int32_t enqueueTyped(ModConvShape const& s, ModConvAttributes const& attrs, ModC
         {
             tensorCores = attrs.tensorCores;
         }
+        int32_t status = 0;
         if (attrs.up == 1)
         {
             if constexpr (std::is_same<T, __half>::value)
             {
                 if (tensorCores)
                 {
-                    launchKernel(convKernelWmma<false>, grid, dim3(kCONV_THREADS), stream, p, ep, fp);
+                    return launchKernel(convKernelWmma<false>, grid, dim3(kCONV_THREADS), stream, p, ep, fp);
                 }
             }
-            if (!tensorCores)
-            {
-                launchKernel(convKernel<T, false>, grid, dim3(kCONV_THREADS), stream, p, ep, fp);
-            }
+            return launchKernel(convKernel<T, false>, grid, dim3(kCONV_THREADS), stream, p, ep, fp);
         }
-        else
+        if constexpr (std::is_same<T, __half>::value)
         {
-            if constexpr (std::is_same<T, __half>::value)
+            if (tensorCores)
             {
-                if (tensorCores)
-                {
-                    launchKernel(convKernelWmma<true>, grid, dim3(kCONV_THREADS), stream, p, ep, fp);
-                }
+                status = launchKernel(convKernelWmma<true>, grid, dim3(kCONV_THREADS), stream, p, ep, fp);
             }
-            if (!tensorCores)
-            {
-                launchKernel(convKernel<T, true>, grid, dim3(kCONV_THREADS), stream, p, ep, fp);
-            }
-            int64_t const total = static_cast<int64_t>(s.batch) * s.outChannels * outH * outW;
-            launchKernel(blurEpilogueKernel<T>, pointwiseGrid(total), dim3(kPOINTWISE_THREADS), stream,
-                static_cast<float const*>(p.raw), p.dstH, p.dstW, up2BlurPadding(k, attrs.filterSize), s.batch, ep,
-                fp);
         }
+        if (!tensorCores)
+        {
+            status = launchKernel(convKernel<T, true>, grid, dim3(kCONV_THREADS), stream, p, ep, fp);
+        }
+        if (status != 0)
+        {
+            return status;
+        }
+        int64_t const total = static_cast<int64_t>(s.batch) * s.outChannels * outH * outW;
+        return launchKernel(blurEpilogueKernel<T>, pointwiseGrid(total), dim3(kPOINTWISE_THREADS), stream,
+            static_cast<float const*>(p.raw), p.dstH, p.dstW, up2BlurPadding(k, attrs.filterSize), s.batch, ep, fp);
     }
-#if defined(STYLECAST_EMULATE)
-    return 0;
-#else
-    return static_cast<int32_t>(cudaGetLastError());
-#endif
 }
 
 } // namespace

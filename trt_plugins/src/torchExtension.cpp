@@ -2,9 +2,14 @@
  * PyTorch binding (module `stylecast_ops_cuda`) of the StyleGAN2 modulated convolution kernels, the fast path of
  * training/ops/modulated_conv2d.py (impl="cuda" / "auto"). Forward only: the reference op stays the autograd path.
  *
- * Signature (positional, as training/ops/_dispatch.py calls it):
- *   modulated_conv2d(x, weight, styles, demodulate, up, resample_filter, noise, bias, act, gain, clamp, skip)
+ * Signature (positional, as training/ops/modulated_conv2d.py calls it):
+ *   modulated_conv2d(x, weight, styles, demodulate, up, resample_filter, noise, bias, act, gain, clamp, skip,
+ *                    out=None, poison=False)
  *   gain = -1 -> the activation's default (1 linear, sqrt(2) lrelu/relu); clamp = -1 -> none.
+ *   out: an existing dense [N, O, H*up, W*up] tensor of x's dtype and device to write into (the device check
+ *        passes a NaN-filled one, so an element the kernels never write shows up).
+ *   poison: fill the scratch workspace with 0xFF bytes (NaN in fp32 and fp16) first, so a kernel that reads
+ *        scratch it never wrote shows up as NaN in the output. For checks only: it costs one memset per call.
  */
 #include "stylecast/modulatedConv2d.h"
 
@@ -14,6 +19,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 namespace
 {
@@ -28,7 +34,7 @@ Tensor prepare(Tensor const& t, Tensor const& x)
 
 Tensor modulatedConv2d(Tensor x, Tensor weight, Tensor styles, bool demodulate, int64_t up,
     c10::optional<Tensor> resampleFilter, c10::optional<Tensor> noise, c10::optional<Tensor> bias, std::string act,
-    double gain, double clamp, c10::optional<Tensor> skip)
+    double gain, double clamp, c10::optional<Tensor> skip, c10::optional<Tensor> outArg, bool poison)
 {
     TORCH_CHECK(x.is_cuda(), "stylecast_ops_cuda.modulated_conv2d: x must be a CUDA tensor");
     TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat16,
@@ -126,7 +132,20 @@ Tensor modulatedConv2d(Tensor x, Tensor weight, Tensor styles, bool demodulate, 
     std::string const error = stylecast::validateModConv(shape, attrs);
     TORCH_CHECK(error.empty(), "modulated_conv2d: ", error);
 
-    Tensor out = torch::empty({n, shape.outChannels, outH, outW}, x.options());
+    std::vector<int64_t> const outShape{n, static_cast<int64_t>(shape.outChannels), outH, outW};
+    Tensor out;
+    if (outArg.has_value())
+    {
+        out = *outArg;
+        TORCH_CHECK(out.device() == x.device() && out.scalar_type() == x.scalar_type() && out.is_contiguous()
+                && out.sizes() == c10::IntArrayRef(outShape),
+            "modulated_conv2d: out must be a contiguous ", x.scalar_type(), " tensor ", c10::IntArrayRef(outShape),
+            " on ", x.device(), ", got ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
+    }
+    else
+    {
+        out = torch::empty(outShape, x.options());
+    }
     if (n == 0)
     {
         return out;
@@ -134,6 +153,10 @@ Tensor modulatedConv2d(Tensor x, Tensor weight, Tensor styles, bool demodulate, 
     size_t const wsBytes = stylecast::modConvWorkspaceSize(shape, attrs);
     Tensor workspace
         = torch::empty({static_cast<int64_t>(std::max<size_t>(wsBytes, 1))}, x.options().dtype(torch::kUInt8));
+    if (poison)
+    {
+        workspace.fill_(0xFF);
+    }
 
     stylecast::ModConvTensors tensors;
     tensors.x = x.data_ptr();
@@ -161,5 +184,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
     m.def("modulated_conv2d", &modulatedConv2d, "Fused modulated conv2d (see training/ops/modulated_conv2d.py)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("styles"), pybind11::arg("demodulate"),
         pybind11::arg("up"), pybind11::arg("resample_filter"), pybind11::arg("noise"), pybind11::arg("bias"),
-        pybind11::arg("act"), pybind11::arg("gain"), pybind11::arg("clamp"), pybind11::arg("skip"));
+        pybind11::arg("act"), pybind11::arg("gain"), pybind11::arg("clamp"), pybind11::arg("skip"),
+        pybind11::arg("out") = pybind11::none(), pybind11::arg("poison") = false);
 }
