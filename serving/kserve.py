@@ -49,7 +49,7 @@ from .config import Limits
 from .errors import InvalidArgument
 from .inference import InferenceProtocol
 from .metrics import Metrics
-from .plumbing import Call, Plumbing, cancelled_code, deadline_from
+from .plumbing import Call, Plumbing, deadline_from
 from .repository import ModelRepository
 from .tensors import encode_output
 
@@ -153,24 +153,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def one(req: pb.ModelInferRequest) -> None:
             call = plumbing.begin(method, req.model_name, req.id, peer, in_flight=False)
             try:
-                resp = await self._infer(req, deadline_from(context.time_remaining()))
-                resp.parameters["triton_final_response"].bool_param = True
-                out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
-            except asyncio.CancelledError:
-                call.code = cancelled_code(context.time_remaining())
-                raise
-            except Exception as exc:
-                call.fail(exc)
-                if call.code == "INTERNAL":
-                    call.detail = "internal error"
-                    logger.exception("unhandled error", extra={"method": method})
-                err = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
-                err.parameters["triton_final_response"].bool_param = True
-                out.put_nowait(pb.ModelStreamInferResponse(error_message=f"[{call.code}] {call.detail}",
-                                                           infer_response=err))
+                ok, resp = await plumbing.guarded(call, self._infer(req, deadline_from(context.time_remaining())),
+                                                  context.time_remaining)
             finally:
                 window.release()
                 plumbing.finish(call)
+            if ok:
+                resp.parameters["triton_final_response"].bool_param = True
+                out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
+                return
+            err = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
+            err.parameters["triton_final_response"].bool_param = True
+            out.put_nowait(pb.ModelStreamInferResponse(error_message=f"[{call.code}] {call.detail}",
+                                                       infer_response=err))
 
         async def reader() -> None:
             try:

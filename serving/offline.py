@@ -3,7 +3,8 @@ truncation, synthesis, the same encoder), so the bytes equal what Generate / Sty
 
 `BundleRenderer` (seeds of a stylegan2 bundle) is used by `stylecast generate` when --checkpoint is a bundle
 directory and by the server-overhead benchmark; `BundleStylizer` (aligned face photos through a dualstylegan or
-stylegan2 bundle with an encoder) by `stylecast stylize` when --model is a bundle directory.
+stylegan2 bundle with an encoder) and `BundleStyleTransfer` on top of it (the style library of a dualstylegan bundle)
+by `stylecast stylize` when --model is a bundle directory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from protos.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from . import codecs
 from . import latents as L
 from .kinds import load_model
-from .models import LatentModel
+from .models import LatentModel, StyleOptions
 
 
 class BundleRenderer:
@@ -198,8 +199,6 @@ class BundleStyleTransfer:
                feather: float) -> tuple[np.ndarray, np.ndarray]:
         """The faces of one photo in a library style (or the encoded exemplar [1, num_ws, w_dim]) -> (the photo
         with the stylized faces pasted back, or the first crop; every crop [F, R, R, 3])."""
-        from .models import StyleOptions
-
         ex = None if exemplar_ws is None else (tuple(exemplar_ws.shape), exemplar_ws.reshape(-1))
         opts = StyleOptions(style_id=style_id if exemplar_ws is None else None, exstyle_w=ex, weights=list(weights),
                             preserve_color=preserve_color, where="style")

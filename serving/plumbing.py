@@ -107,6 +107,22 @@ class Plumbing:
             latency_ms=round(elapsed * 1000, 3), peer=call.peer, **({"detail": call.detail} if call.detail else {}),
             **call.extra)
 
+    async def guarded(self, call: Call, work: Awaitable[Any], time_remaining: Callable[[], float | None]
+                      ) -> tuple[bool, Any]:
+        """Await a request's work: (True, its result), or (False, None) with the call's status taken from the error
+        (an internal one logged with its traceback). Cancellation propagates, recorded as CANCELLED or, near the
+        deadline, DEADLINE_EXCEEDED."""
+        try:
+            return True, await work
+        except asyncio.CancelledError:
+            call.code = cancelled_code(time_remaining())
+            raise
+        except Exception as exc:
+            call.fail(exc)
+            if call.code == "INTERNAL":
+                self.logger.exception("unhandled error", extra={"request_id": call.request_id, "method": call.method})
+            return False, None
+
     async def unary(self, method: str, model: str, context: grpc.aio.ServicerContext,
                     fn: Callable[[Call], Awaitable[Any]]) -> Any:
         """Run a gRPC handler `fn(call)`: its result, or the gRPC status of its error (with the request id in the
@@ -115,16 +131,10 @@ class Plumbing:
         call = self.begin(method, model, rid, context.peer(), deadline_from(context.time_remaining()))
         trailing = ((REQUEST_ID_KEY, rid),)
         try:
-            result = await fn(call)
-            context.set_trailing_metadata(trailing)
-            return result
-        except asyncio.CancelledError:
-            call.code = cancelled_code(context.time_remaining())
-            raise
-        except Exception as exc:
-            call.fail(exc)
-            if call.code == "INTERNAL":
-                self.logger.exception("unhandled error", extra={"request_id": rid, "method": method})
+            ok, result = await self.guarded(call, fn(call), context.time_remaining)
         finally:
             self.finish(call)
+        if ok:
+            context.set_trailing_metadata(trailing)
+            return result
         await context.abort(grpc.StatusCode[call.code], call.detail, trailing_metadata=trailing)

@@ -183,7 +183,3 @@ def encode_output(arr: np.ndarray) -> bytes:
     if arr.dtype == object:
         return pack_bytes(list(arr.reshape(-1)))
     return np.ascontiguousarray(arr).tobytes()
-
-
-def output_datatype(spec: TensorSpec) -> str:
-    return spec.datatype
