@@ -146,16 +146,18 @@ class LoadedModel:
     @classmethod
     def load(cls, path: Path, manifest: dict, version: str, *, backend: str = "auto", threads: int = 0,
              batch: BatchConfig | None = None, golden_check: bool = True, probe: SystemProbe | None = None,
-             providers: list[str] | None = None) -> "LoadedModel":
+             providers: list[str] | None = None, warm: bool = True, check_files: bool = True) -> "LoadedModel":
         """Check the bundle's files, open its graphs, run the golden checks (unless golden_check=False).
 
         Args:
             backend: "auto" | "onnxruntime" | "tensorrt" (only for kinds that serve engines).
             providers: ONNX Runtime execution providers for every graph (default: CUDA when available, else CPU).
+            warm: load what the first request would otherwise wait for (the face models); off for verify.
+            check_files: check every file against the manifest's sha256 first (off when the caller just did).
         Raises:
             BundleRefused: files, graphs, golden outputs or the backend do not fit.
         """
-        problems = check_bundle_files(path, manifest)
+        problems = check_bundle_files(path, manifest) if check_files else []
         if problems:
             raise BundleRefused("; ".join(problems))
         if backend == "tensorrt" and not cls.serves_engines:
@@ -169,7 +171,8 @@ class LoadedModel:
             raise BundleRefused(f"cannot load graphs: {exc}") from exc
         if golden_check:
             model.check_golden()
-        model.after_load()
+        if warm:
+            model.after_load()
         return model
 
     @classmethod
@@ -260,7 +263,7 @@ class LoadedModel:
                             ctx: RequestContext) -> photo.PhotoResult:
         """One uploaded photo (encoded bytes) -> the stylized image."""
         self.check_stylize(ctx)
-        raise AssertionError("unreachable")
+        raise NotImplementedError(f"{type(self).__name__} accepts photos but implements no stylize_photo")
 
     def parse_style(self, opts: StyleOptions | None, ctx: RequestContext) -> Any:
         """Style options -> this model's checked style request (None = the model's default); a model without a

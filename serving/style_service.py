@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import math
 import logging
+import math
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
