@@ -26,7 +26,8 @@ from . import photo
 from .backends import OrtGraph, OrtMapping, SystemProbe
 from .config import BatchConfig
 from .errors import BundleRefused, InvalidArgument, ServingError
-from .models import SYNTHESIS, STYLIZE, LatentModel, RequestContext, StyleLibrary, StyleOptions
+from .latent_model import STYLIZE, SYNTHESIS, LatentModel
+from .models import RequestContext, StyleLibrary, StyleOptions
 from .tensors import ParamSpec, TensorSpec
 
 WEIGHT_RANGE = (-2.0, 2.0)  # accepted per-layer extrinsic weights (the official range of use is [0, 1])

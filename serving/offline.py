@@ -20,7 +20,8 @@ from protos.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from . import codecs
 from . import latents as L
 from .kinds import load_model
-from .models import LatentModel, StyleOptions
+from .latent_model import LatentModel
+from .models import StyleOptions
 
 
 class BundleRenderer:

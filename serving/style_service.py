@@ -31,7 +31,8 @@ from .batcher import cancel_items
 from .config import Limits
 from .errors import InvalidArgument, ModelNotFound, QueueFull, ServingError
 from .metrics import Metrics
-from .models import LatentModel, LoadedModel, RequestContext, StyleOptions
+from .latent_model import LatentModel
+from .models import LoadedModel, RequestContext, StyleOptions
 from .plumbing import Call, Plumbing
 from .repository import ModelRepository, ModelStatus, State
 

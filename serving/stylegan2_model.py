@@ -17,7 +17,7 @@ from .backends import (BackendError, OrtGraph, OrtMapping, SystemProbe, TensorRT
                        resolve_plugins)
 from .config import BatchConfig
 from .errors import InvalidArgument
-from .models import LatentModel
+from .latent_model import LatentModel
 
 
 class StyleGAN2Model(LatentModel):
