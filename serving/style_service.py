@@ -222,6 +222,10 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
         fmt, quality = self._format(opts)
         return Output(fmt, quality, self._size(opts, (model.resolution, model.resolution)))
 
+    def _render_options(self, request, model: LatentModel) -> tuple[float | None, int | None, Output]:
+        """psi, truncation_cutoff and output of a Generate / GenerateStream request, checked."""
+        return self._psi(request), self._cutoff(request, model), self._output(request.output, model)
+
     def _latents(self, msg: cpb.Latents, model: LatentModel, what: str, max_rows: int) -> Batch:
         space = msg.WhichOneof("space")
         if space is None:
@@ -279,9 +283,7 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
             model = self._generator(leased)
             ctx = self._ctx(call)
             lim = self.limits
-            psi = self._psi(request)
-            cutoff = self._cutoff(request, model)
-            out = self._output(request.output, model)
+            psi, cutoff, out = self._render_options(request, model)
             if not request.HasField("latents"):
                 raise InvalidArgument("latents: give seeds, z, w or ws")
             batch = self._latents(request.latents, model, "latents", lim.max_seeds)
@@ -338,9 +340,7 @@ class StyleServicer(pb_grpc.StyleServiceServicer):
             model = self._generator(leased)
             ctx = self._ctx(call)
             lim = self.limits
-            psi = self._psi(request)
-            cutoff = self._cutoff(request, model)
-            out = self._output(request.output, model)
+            psi, cutoff, out = self._render_options(request, model)
             source = request.WhichOneof("source")
             ts: list[float] | None = None
             if source == "seeds":
