@@ -16,29 +16,27 @@ Style ids are positions in the exstyle code file (the official `list(exstyles.ke
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from protos.manifest import (BUNDLE_FORMAT, DUALSTYLE_TRUNCATION, GOLDEN_NAME, MANIFEST_NAME, NAME_RE,
-                             load_manifest)
-from common.files import atomic_directory, sha256_file
+from common.files import sha256_file
+from protos.manifest import DUALSTYLE_TRUNCATION
 from training.checkpoints import checkpoint_sha256
 from training.dualstyle import (DualStyleGAN, colour_only_weights, load_dualstylegan, load_exstyle_codes)
 from training.networks.stylegan2 import seeds_to_z
 
-from .bundle import ENCODER_MAX_ABS, FP16_MIN_PSNR, FP32_MAX_ABS, GraphCheck, compare_output, psnr
 from .dualstyle_export import export_dualstyle_synthesis
-from .encoder_export import declare_bundle_encoder, resolve_bundle_encoder, write_bundle_encoder
+from .encoder_export import resolve_bundle_encoder, write_bundle_encoder
 from .onnx_export import DEFAULT_OPSET, GraphInfo, _export, _io_info, img_to_uint8
+from .writer import BundleWriter, check_name, check_psi
 
+KIND = "dualstylegan"
 STYLES_NAME = "styles.npz"
 # Golden rows: (seed, psi, style index (taken modulo the library size; -1 = the last style), weights kind).
 GOLDEN_ROWS = ((0, 1.0, 0, "default"), (1, 0.75, 1, "colour_only"), (2, 0.5, 2, "zeros"), (3, 1.0, -1, "ones"))
@@ -187,11 +185,8 @@ def build_dualstyle_bundle(checkpoint: str | Path, styles: str | Path, out: str 
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists (bundles are never overwritten)")
-    name = opts.name or "dualstylegan"
-    if not NAME_RE.match(name):
-        raise ValueError(f"bundle name {name!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)")
-    if not isinstance(opts.default_psi, (int, float)) or not math.isfinite(opts.default_psi):
-        raise ValueError("default psi must be a finite number")
+    name = check_name(opts.name or "dualstylegan")
+    default_psi = check_psi(opts.default_psi)
     model = load_dualstylegan(checkpoint).eval().requires_grad_(False)
     weights = check_weights(model.default_weights() if opts.default_weights is None else opts.default_weights,
                             model.num_ws, "default weights")
@@ -199,148 +194,32 @@ def build_dualstyle_bundle(checkpoint: str | Path, styles: str | Path, out: str 
     photo = resolve_bundle_encoder(name, model.generator, encoder=opts.encoder, encoder_from=opts.encoder_from,
                                    latent_space=opts.latent_space, encoder_space=opts.encoder_space)
     steps = ["mapping", "synthesis", "styles"] + (["encoder"] if photo.checkpoint is not None else []) + ["golden"]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(steps), desc="dualstyle bundle", unit="step")
     G = model.generator
-    with atomic_directory(out) as tmp:
-        graphs: dict[str, Any] = {}
-
-        def graph_doc(info: GraphInfo) -> dict[str, Any]:
-            return {"file": info.path.name, "inputs": info.inputs, "outputs": info.outputs, "nodes": info.nodes,
-                    "precision": "fp32"}
-
-        graphs["mapping"] = graph_doc(export_dualstyle_mapping(model, tmp / "mapping.onnx", opts.opset))
-        bar and bar.update()
-        graphs["synthesis"] = graph_doc(export_dualstyle_synthesis(model, tmp / "synthesis.onnx", opts.opset))
-        bar and bar.update()
+    ckpt, styles = Path(checkpoint), Path(styles)
+    with BundleWriter(out, KIND, name, opts.opset, steps, progress) as w:
+        w.graph("mapping", export_dualstyle_mapping(model, w.dir / "mapping.onnx", opts.opset))
+        w.graph("synthesis", export_dualstyle_synthesis(model, w.dir / "synthesis.onnx", opts.opset))
         lib = style_library(model, codes)
-        np.savez(tmp / STYLES_NAME, **lib)
-        bar and bar.update()
+        np.savez(w.dir / STYLES_NAME, **lib)
+        w.step()
         extra_golden: dict[str, np.ndarray] = {}
         encoder_doc = None
         if photo.checkpoint is not None:
-            graphs["encoder"], extra_golden, encoder_doc = write_bundle_encoder(photo, G, tmp, opts.opset)
-            bar and bar.update()
-        gold = golden_rows(model, lib["exstyle_w"], weights)
-        np.savez(tmp / GOLDEN_NAME, **gold, **extra_golden)
-        bar and bar.update()
-        manifest = _manifest(name, checkpoint, styles, model, opts, weights, graphs, list(lib["names"]), tmp)
-        declare_bundle_encoder(manifest, photo, encoder_doc)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        load_manifest(tmp)  # never publish a bundle whose manifest does not validate
-    bar and bar.close()
+            w.graphs["encoder"], extra_golden, encoder_doc = write_bundle_encoder(photo, G, w.dir, opts.opset)
+            w.step()
+        w.golden({**golden_rows(model, lib["exstyle_w"], weights), **extra_golden},
+                 seeds=[r[0] for r in GOLDEN_ROWS], psi=[r[1] for r in GOLDEN_ROWS], weights=[r[3] for r in GOLDEN_ROWS])
+        names = [str(n) for n in lib["names"]]
+        w.publish(
+            model={"resolution": G.resolution, "z_dim": G.z_dim, "w_dim": G.w_dim, "num_ws": G.num_ws,
+                   "img_channels": G.cfg.img_channels, "res_index": model.res_index, "default_psi": default_psi,
+                   "truncation": DUALSTYLE_TRUNCATION, "default_weights": weights, "config": model.cfg.to_dict(),
+                   **photo.model_fields()},
+            source={"file": ckpt.name, "format": "native" if ckpt.is_dir() else "official",
+                    "sha256": checkpoint_sha256(ckpt)},
+            styles={"file": STYLES_NAME, "count": len(names), "names": names,
+                    "source": {"file": styles.name,
+                               "format": "official" if styles.read_bytes()[:6] == b"\x93NUMPY" else "native",
+                               "sha256": sha256_file(styles)}},
+            encoder=encoder_doc, description=opts.description or None)
     return out
-
-
-def _manifest(name: str, checkpoint: str | Path, styles: str | Path, model: DualStyleGAN,
-              opts: DualStyleBundleOptions, weights: list[float], graphs: dict, names: list[str],
-              tmp: Path) -> dict[str, Any]:
-    from common.version import stylecast_version
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
-    ckpt, styles = Path(checkpoint), Path(styles)
-    g = model.generator
-    doc = {
-        "format": BUNDLE_FORMAT,
-        "name": name,
-        "kind": "dualstylegan",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "stylecast_version": stylecast_version(),
-        "opset": opts.opset,
-        "model": {
-            "resolution": g.resolution, "z_dim": g.z_dim, "w_dim": g.w_dim, "num_ws": g.num_ws,
-            "img_channels": g.cfg.img_channels, "res_index": model.res_index,
-            "default_psi": float(opts.default_psi), "truncation": DUALSTYLE_TRUNCATION,
-            "default_weights": weights, "config": model.cfg.to_dict(),
-        },
-        "source": {"file": ckpt.name, "format": "native" if ckpt.is_dir() else "official",
-                   "sha256": checkpoint_sha256(ckpt)},
-        "styles": {"file": STYLES_NAME, "count": len(names), "names": names,
-                   "source": {"file": styles.name,
-                              "format": "official" if styles.read_bytes()[:6] == b"\x93NUMPY" else "native",
-                              "sha256": sha256_file(styles)}},
-        "files": files,
-        "graphs": graphs,
-        "engines": [],
-        "golden": {"file": GOLDEN_NAME, "seeds": [r[0] for r in GOLDEN_ROWS], "psi": [r[1] for r in GOLDEN_ROWS],
-                   "weights": [r[3] for r in GOLDEN_ROWS],
-                   "tolerance": {"max_abs_fp32": FP32_MAX_ABS, "min_psnr_fp16": FP16_MIN_PSNR}},
-    }
-    if opts.description:
-        doc["description"] = opts.description
-    return doc
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Verification (export verify)
-
-
-def check_dualstyle_golden(bundle: Path, manifest: dict, golden: Any,
-                           run: Callable[[str, dict], list[np.ndarray]]) -> tuple[list[GraphCheck], list[str]]:
-    """Run a dualstylegan bundle's graphs against golden.npz and check its style library.
-
-    Checks: mapping (w, ws = psi * w), encoder (when present), styles.npz (names equal the manifest's table; the
-    golden rows' exstyle_w are the library's rows; exstyle_w equals mapping.onnx on z_plus), synthesis (img fp32 max
-    abs, img_u8 levels).
-
-    Args:
-        run: (graph file name, feeds) -> outputs in graph order (an ONNX Runtime session).
-    Returns:
-        (checks, problems).
-    """
-    checks: list[GraphCheck] = []
-    problems: list[str] = []
-    graphs = manifest["graphs"]
-    try:
-        gold = {k: golden[k] for k in ("z", "psi", "w", "ws", "style_ids", "exstyle_w", "weights", "img", "img_u8")}
-    except KeyError as exc:
-        return checks, [f"golden.npz lacks {exc}"]
-
-    def close(graph: str, output: str, val: np.ndarray, ref: np.ndarray, tol: float = FP32_MAX_ABS,
-              note: str = "") -> None:
-        if val.shape != ref.shape:
-            checks.append(GraphCheck(graph, output, math.nan, math.nan, False, f"shape {val.shape} != {ref.shape}"))
-            return
-        err = float(np.abs(val.astype(np.float64) - ref.astype(np.float64)).max())
-        checks.append(GraphCheck(graph, output, err, psnr(val, ref), err <= tol, note))
-
-    w, ws = run(graphs["mapping"]["file"], {"z": gold["z"], "psi": gold["psi"]})
-    close("mapping", "w", w, gold["w"])
-    close("mapping", "ws", ws, gold["ws"], note="ws = psi * w")
-    if "encoder" in graphs:
-        keys = manifest["encoder"]["golden"]
-        img = golden[keys["img_u8"]].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(127.5) - np.float32(1)
-        (val,) = run(graphs["encoder"]["file"], {"img": img})
-        close("encoder", "ws", val, golden[keys["ws"]], ENCODER_MAX_ABS, f"tolerance {ENCODER_MAX_ABS}")
-    problems += _check_styles(bundle, manifest, gold, run, close)
-    outs = run(graphs["synthesis"]["file"], {"ws": gold["ws"], "exstyle_w": gold["exstyle_w"],
-                                             "weights": gold["weights"]})
-    for out_name, val in zip(list(graphs["synthesis"]["outputs"]), outs):
-        checks.append(compare_output("synthesis", out_name, val, gold[out_name], "fp32"))
-    return checks, problems
-
-
-def _check_styles(bundle: Path, manifest: dict, gold: dict, run: Callable, close: Callable) -> list[str]:
-    m, table = manifest["model"], manifest["styles"]
-    try:
-        with np.load(bundle / table["file"], allow_pickle=False) as f:
-            lib = {k: f[k] for k in ("exstyle_w", "z_plus", "names")}
-    except (OSError, KeyError, ValueError) as exc:
-        return [f"{table['file']} unreadable: {exc}"]
-    s = table["count"]
-    problems = []
-    if lib["exstyle_w"].shape != (s, m["num_ws"], m["w_dim"]) or lib["z_plus"].shape != (s, m["num_ws"], m["z_dim"]):
-        return [f"{table['file']}: exstyle_w {lib['exstyle_w'].shape} / z_plus {lib['z_plus'].shape} do not match "
-                f"{s} styles of [{m['num_ws']}, {m['w_dim']}] / [{m['num_ws']}, {m['z_dim']}]"]
-    if [str(n) for n in lib["names"]] != list(table["names"]):
-        problems.append(f"{table['file']}: style names differ from the manifest's style table")
-    ids = gold["style_ids"]
-    if ids.min() < 0 or ids.max() >= s or not np.array_equal(lib["exstyle_w"][ids], gold["exstyle_w"]):
-        problems.append(f"{table['file']}: the golden rows' extrinsic codes are not the library's styles {list(ids)}")
-    z = lib["z_plus"].reshape(-1, m["z_dim"]).astype(np.float32)
-    w, _ = run(manifest["graphs"]["mapping"]["file"], {"z": z, "psi": np.ones(len(z), np.float32)})
-    close("styles", "exstyle_w", w.reshape(lib["exstyle_w"].shape), lib["exstyle_w"],
-          note="mapping.onnx(z_plus)")
-    return problems

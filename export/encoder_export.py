@@ -104,6 +104,15 @@ class BundleEncoder:
     latent_space: str | None = None
     shared_from: str | None = None  # the name of the --encoder-from bundle
 
+    def model_fields(self) -> dict[str, str]:
+        """What the manifest's `model` records of photos: latent_space and encoder_from (the shared encoder)."""
+        out = {}
+        if self.latent_space is not None:
+            out["latent_space"] = self.latent_space
+        if self.shared_from is not None:
+            out["encoder_from"] = self.shared_from
+        return out
+
 
 def resolve_bundle_encoder(name: str, G: Generator, *, encoder: str | Path | None = None,
                            encoder_from: str | Path | None = None, latent_space: str | None = None,
@@ -163,13 +172,3 @@ def write_bundle_encoder(be: BundleEncoder, G: Generator, directory: Path,
            "source": {"file": Path(enc.path).name, "format": enc.format, "sha256": enc.sha256,
                       "codes": ecfg.latent_space}}
     return graph, encoder_golden(enc.encoder, G), doc
-
-
-def declare_bundle_encoder(manifest: dict[str, Any], be: BundleEncoder, encoder_doc: dict[str, Any] | None) -> None:
-    """Record the latent space, the shared-encoder bundle and the encoder description in a manifest."""
-    if be.latent_space is not None:
-        manifest["model"]["latent_space"] = be.latent_space
-    if be.shared_from is not None:
-        manifest["model"]["encoder_from"] = be.shared_from
-    if encoder_doc is not None:
-        manifest["encoder"] = encoder_doc

@@ -1,6 +1,6 @@
 """TensorRT engines of the StyleGAN2 (Karras et al., 2020) synthesis graph: build with `tensorrt` (on the GPU it
-will run on) or `tensorrt_rtx` (ahead of time, for listed compute capabilities, on a machine without a GPU), and
-check a bundle's engines against its golden outputs where a GPU and the matching runtime exist.
+will run on) or `tensorrt_rtx` (ahead of time, for listed compute capabilities, on a machine without a GPU). The
+server and `stylecast export verify` run them against a bundle's golden outputs (serving.stylegan2_model, torch-free).
 
 Engines are strongly typed: the precision comes from the ONNX graph, never from a builder flag. An fp16 engine
 is built from the fp16 graph (synthesis_fp16.onnx), which keeps demodulation in fp32 and clamps activations;
@@ -11,7 +11,6 @@ decoders into garbage.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import re
 import shutil
@@ -19,8 +18,6 @@ import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-import numpy as np
 
 from common.files import atomic_write_bytes, sha256_file
 
@@ -369,99 +366,3 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "f
         "plugins": plugins,
         **({"target_note": note} if note else {}),
     }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Running (verify)
-
-
-def _skip_reason(entry: dict[str, Any]) -> tuple[str | None, ModuleType | None]:
-    gpu = _cuda_capability()
-    if gpu is None:
-        return "no GPU/TensorRT runtime (no CUDA device)", None
-    flav = entry.get("trt_flavour")
-    if flav not in FLAVOURS:
-        return f"unknown TensorRT flavour {flav!r}", None
-    trt = _import_flavour(flav)
-    if trt is None:
-        return f"no GPU/TensorRT runtime ({flav} is not installed)", None
-    if str(trt.__version__) != str(entry.get("trt_version")):
-        return f"engine needs {flav} {entry.get('trt_version')}, installed is {trt.__version__}", None
-    try:
-        targets = engine_targets(entry)
-    except EngineError as exc:
-        return f"bad compute_capability: {exc}", None
-    if gpu not in targets:
-        return f"engine targets {entry.get('compute_capability')}, this GPU is {cc_str(gpu)}", None
-    return None, trt
-
-
-def run_engine_check(bundle: str | Path, entry: dict[str, Any], golden) -> list:
-    """Run one engine of a bundle on golden ws and compare with the PyTorch outputs.
-
-    Returns:
-        GraphChecks, one per engine output; without a GPU and the engine's TensorRT flavour/version a single
-        check with ok=True, skipped=True and a note saying why (verify reports it; `require_engines` fails it).
-    """
-    from .bundle import GraphCheck, compare_output
-
-    bundle = Path(bundle)
-    label = f"engine.{entry.get('precision', '?')}"
-    reason, trt = _skip_reason(entry)
-    if reason is not None:
-        return [GraphCheck(label, "*", math.nan, math.nan, ok=True, note=f"skipped: {reason}", skipped=True)]
-
-    import torch
-
-    logger = _make_logger(trt)
-
-    def fail(msg: str) -> list:
-        return [GraphCheck(label, "*", math.nan, math.nan, ok=False, note=msg)]
-
-    for plugin in entry.get("plugins") or []:
-        try:
-            _load_plugin(trt, bundle / plugin["file"], logger)
-        except EngineError as exc:
-            return fail(str(exc))
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine((bundle / entry["file"]).read_bytes())
-    if engine is None:
-        return fail("cannot deserialize engine: " + ("; ".join(logger.errors[-2:]) or "unknown error"))
-    context = engine.create_execution_context()
-
-    # The golden batch (2) tiled or cut to fit the engine's profile.
-    prof = entry.get("profile") or {}
-    n_gold = int(golden["ws"].shape[0])
-    n = min(max(n_gold, int(prof.get("min_batch", 1))), int(prof.get("max_batch", n_gold)))
-    idx = np.arange(n) % n_gold
-    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.UINT8: torch.uint8,
-              trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
-    device = torch.device("cuda", 0)
-    buffers: dict[str, torch.Tensor] = {}
-    outputs: list[str] = []
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    for name in names:
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            if name not in golden.files:
-                return fail(f"engine input {name!r} has no golden values")
-            t = torch.from_numpy(np.ascontiguousarray(golden[name][idx])).to(device)
-            buffers[name] = t.to(dtypes[engine.get_tensor_dtype(name)])
-            context.set_input_shape(name, tuple(t.shape))
-    for name in names:
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-            shape = tuple(context.get_tensor_shape(name))
-            buffers[name] = torch.empty(shape, dtype=dtypes[engine.get_tensor_dtype(name)], device=device)
-            outputs.append(name)
-    for name, t in buffers.items():
-        context.set_tensor_address(name, t.data_ptr())
-    stream = torch.cuda.Stream(device)
-    if not context.execute_async_v3(stream.cuda_stream):
-        return fail("execution failed: " + ("; ".join(logger.errors[-2:]) or "unknown error"))
-    stream.synchronize()
-    checks = []
-    for name in outputs:
-        if name not in golden.files:
-            continue
-        val = buffers[name].cpu().numpy()
-        checks.append(compare_output(label, name, val, golden[name][idx], entry.get("precision", "fp32")))
-    return checks or fail("engine has no output with golden values")

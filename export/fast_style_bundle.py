@@ -8,9 +8,7 @@ PyTorch before it is published.
 
 from __future__ import annotations
 
-import datetime as _dt
 import io
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,16 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from protos.manifest import BUNDLE_FORMAT, GOLDEN_NAME, MANIFEST_NAME, NAME_RE, load_manifest
-from common.files import atomic_directory, sha256_file
+from common.files import sha256_file
+from protos.manifest import GOLDEN_TOLERANCE
 from training.style.fast_style import MIN_SIZE, TransformerNet, load_fast_style
 
+from .writer import BundleWriter, check_name
+
+KIND = "fast_style"
 STYLIZER_FILE = "stylizer.onnx"
 DEFAULT_OPSET = 17
 # Golden inputs: two sizes (H, W), neither a multiple of 4 in both sides, so the pad / crop path is covered.
 GOLDEN_SIZES = ((37, 53), (64, 48))
 GOLDEN_SEED = 0
-FP32_MAX_ABS = 1e-4
 
 
 def golden_inputs(sizes=GOLDEN_SIZES, seed: int = GOLDEN_SEED) -> list[np.ndarray]:
@@ -75,27 +75,6 @@ def run_stylizer_ort(path: str | Path, img: np.ndarray, threads: int = 0) -> np.
     return sess.run(None, {"img": img})[0]
 
 
-def check_fast_style_golden(run, golden) -> list:
-    """Each golden input through `run` (img [1, 3, H, W] -> output) against its PyTorch output (max abs)."""
-    from .bundle import GraphCheck, psnr
-    checks = []
-    i = 0
-    while f"img_{i}" in golden and f"out_{i}" in golden:
-        ref = golden[f"out_{i}"]
-        val = run(golden[f"img_{i}"])
-        if val.shape != ref.shape:
-            checks.append(GraphCheck("stylizer", f"out_{i}", float("nan"), float("nan"), False,
-                                     f"shape {val.shape} != golden {ref.shape}"))
-        else:
-            err = float(np.abs(val.astype(np.float64) - ref.astype(np.float64)).max())
-            checks.append(GraphCheck("stylizer", f"out_{i}", err, psnr(val, ref), err <= FP32_MAX_ABS,
-                                     f"{ref.shape[2]}x{ref.shape[3]}"))
-        i += 1
-    if not checks:
-        checks.append(GraphCheck("stylizer", "golden", float("nan"), float("nan"), False, "golden.npz has no inputs"))
-    return checks
-
-
 def _source(path: Path) -> dict[str, Any]:
     """Identify the checkpoint: sha256 of its safetensors (of the final / latest one for a run directory)."""
     import hashlib
@@ -107,52 +86,40 @@ def _source(path: Path) -> dict[str, Any]:
 
 
 def build_fast_style_bundle(checkpoint_or_run_dir: str | Path, out: str | Path, name: str, max_size: int = 1024,
-                            opset: int = DEFAULT_OPSET, description: str = "") -> Path:
+                            opset: int = DEFAULT_OPSET, description: str = "",
+                            max_abs: float = GOLDEN_TOLERANCE["max_abs_fp32"]) -> Path:
     """Export a fast stylizer checkpoint (or training run directory) to a bundle at `out` (must not exist).
 
     Args:
         checkpoint_or_run_dir: what `load_fast_style` accepts.
         name: model name (lowercase, NAME_RE).
         max_size: the largest image side serving will accept (>= MIN_SIZE).
+        max_abs: ONNX Runtime must match PyTorch within this on the golden inputs before anything is published (the
+            fp32 golden tolerance serving applies).
     Raises:
-        ValueError: bad name / max_size, or ONNX Runtime disagrees with PyTorch beyond FP32_MAX_ABS.
+        ValueError: bad name / max_size, or ONNX Runtime disagrees with PyTorch beyond max_abs.
     """
-    if not NAME_RE.match(name or ""):
-        raise ValueError(f"bundle name {name!r} must be lowercase letters, digits, '.', '_' or '-' (max 64)")
+    check_name(name)
     if not isinstance(max_size, int) or max_size < max(MIN_SIZE, *[max(s) for s in GOLDEN_SIZES]):
         raise ValueError(f"max_size must be an integer >= {max(max(s) for s in GOLDEN_SIZES)}, got {max_size}")
     src = Path(checkpoint_or_run_dir)
     net = load_fast_style(src)
-    out = Path(out)
-    with atomic_directory(out) as tmp:
-        graph = export_stylizer(net, tmp / STYLIZER_FILE, opset)
+    with BundleWriter(out, KIND, name, opset) as w:
+        w.graphs["stylizer"] = export_stylizer(net, w.dir / STYLIZER_FILE, opset)
         inputs = golden_inputs()
         feeds: dict[str, np.ndarray] = {}
         errs = []
         for i, x in enumerate(inputs):
             with torch.no_grad():
                 ref = net(torch.from_numpy(x)).numpy()
-            got = run_stylizer_ort(tmp / STYLIZER_FILE, x)
+            got = run_stylizer_ort(w.dir / STYLIZER_FILE, x)
             err = float(np.abs(got.astype(np.float64) - ref).max()) if got.shape == ref.shape else float("inf")
             errs.append(err)
-            if not err <= FP32_MAX_ABS:
+            if not err <= max_abs:
                 raise ValueError(f"ONNX Runtime differs from PyTorch at {x.shape[2]}x{x.shape[3]}: max abs {err:.3g} "
-                                 f"> {FP32_MAX_ABS}")
+                                 f"> {max_abs}")
             feeds[f"img_{i}"], feeds[f"out_{i}"] = x, ref
-        np.savez(tmp / GOLDEN_NAME, **feeds)
-        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
-        from common.version import stylecast_version
-        manifest = {
-            "format": BUNDLE_FORMAT, "name": name, "kind": "fast_style",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "stylecast_version": stylecast_version(), "opset": opset,
-            "description": description,
-            "model": {"max_size": max_size, "min_size": MIN_SIZE, "config": net.cfg.to_dict()},
-            "source": _source(src), "files": files, "graphs": {"stylizer": graph}, "engines": [],
-            "golden": {"file": GOLDEN_NAME, "sizes": [list(s) for s in GOLDEN_SIZES], "count": len(inputs),
-                       "export_max_abs": max(errs), "tolerance": {"max_abs_fp32": FP32_MAX_ABS}},
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        load_manifest(tmp)  # never publish a bundle whose manifest does not validate
-    return out
+        w.golden(feeds, sizes=[list(s) for s in GOLDEN_SIZES], count=len(inputs), export_max_abs=max(errs))
+        w.publish(model={"max_size": max_size, "min_size": MIN_SIZE, "config": net.cfg.to_dict()},
+                  source=_source(src), description=description)
+    return Path(out)

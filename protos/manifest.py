@@ -10,12 +10,11 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 BUNDLE_FORMAT = "stylecast.bundle/v1"
 MANIFEST_NAME = "manifest.json"
 GOLDEN_NAME = "golden.npz"
-BUNDLE_KINDS = ("stylegan2", "fast_style", "dualstylegan")
 ENCODER_KINDS = ("psp", "e4e")
 ALIGNMENTS = ("ffhq",)
 # dualstylegan: the truncation rule of the intrinsic codes (ws = psi * w: towards 0, as the official scripts).
@@ -24,6 +23,19 @@ DUALSTYLE_SYNTHESIS_INPUTS = ("ws", "exstyle_w", "weights")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SCHEMA_PATH = Path(__file__).with_name("bundle_manifest.schema.json")
+# The golden tolerances: how far a bundle's graphs (ONNX Runtime, TensorRT) may be from the PyTorch outputs in
+# golden.npz. Export records them in manifest.golden.tolerance; serving and `export verify` read them from there
+# (`golden_tolerance`), these values filling what a bundle written before does not record.
+GOLDEN_TOLERANCE: dict[str, float] = {
+    "max_abs_fp32": 1e-4,     # fp32 graphs: largest |value - golden| of float outputs ([-1, 1] images, w, ws)
+    "min_psnr_fp16": 40.0,    # fp16 graphs: PSNR (dB) of float images over the [-1, 1] range
+    # The encoder is ~100 layers deep: fp32 rounding differences between ONNX Runtime and PyTorch accumulate.
+    "max_abs_encoder": 1e-3,
+    # uint8 images: at most this many levels off, in at most this fraction of the values (fp32 / fp16 graphs);
+    # rounding (x + 1) * 127.5 flips a level wherever the float image sits near a .5 boundary.
+    "u8_max_diff_fp32": 1, "u8_max_frac_fp32": 0.01,
+    "u8_max_diff_fp16": 8, "u8_max_frac_fp16": 0.25,
+}
 
 
 class ManifestError(ValueError):
@@ -54,7 +66,7 @@ def validate_manifest(doc: Any) -> list[str]:
     if name is not None and not NAME_RE.match(name):
         errors.append(f"manifest.name: {name!r} must match {NAME_RE.pattern}")
     kind = _req(doc, "kind", str, "manifest", errors)
-    if kind is not None and kind not in BUNDLE_KINDS:
+    if kind is not None and kind not in KIND_RULES:
         errors.append(f"manifest.kind: {kind!r} is not one of {BUNDLE_KINDS}")
     _req(doc, "stylecast_version", str, "manifest", errors)
     opset = _req(doc, "opset", int, "manifest", errors)
@@ -82,6 +94,8 @@ def validate_manifest(doc: Any) -> list[str]:
     golden = doc.get("golden")
     if golden is not None and (not isinstance(golden, dict) or golden.get("file") not in files):
         errors.append("manifest.golden.file: not listed in manifest.files")
+    elif golden is not None:
+        errors += _validate_tolerance(golden.get("tolerance"))
     engines = doc.get("engines") or []
     if not isinstance(engines, list):
         errors.append("manifest.engines: expected a list")
@@ -104,13 +118,29 @@ def validate_manifest(doc: Any) -> list[str]:
         for plugin in plugins:
             if not isinstance(plugin, dict) or not SHA256_RE.match(str(plugin.get("sha256", ""))):
                 errors.append(f"manifest.engines[{i}].plugins: each plugin needs a sha256")
-    if kind == "stylegan2" and not errors:
-        errors += _validate_stylegan2(doc, graphs)
-    if kind == "fast_style" and not errors:
-        errors += _validate_fast_style(doc, graphs)
-    if kind == "dualstylegan" and not errors:
-        errors += _validate_dualstylegan(doc, graphs, files)
+    if kind in KIND_RULES and not errors:
+        errors += KIND_RULES[kind](doc, graphs, files)
     return errors
+
+
+def _validate_tolerance(tol: Any) -> list[str]:
+    """manifest.golden.tolerance: absent, or an object of finite non-negative numbers (unknown keys allowed)."""
+    if tol is None:
+        return []
+    if not isinstance(tol, dict):
+        return ["manifest.golden.tolerance: expected an object"]
+    return [f"manifest.golden.tolerance.{k}: expected a finite number >= 0" for k, v in tol.items()
+            if not _is_number(v) or v < 0]
+
+
+def golden_tolerance(manifest: dict) -> dict[str, float]:
+    """The tolerances of a (validated) manifest: what it records in golden.tolerance over GOLDEN_TOLERANCE.
+
+    Returns:
+        {name: value} with every key of GOLDEN_TOLERANCE (and any extra key the manifest records).
+    """
+    golden = manifest.get("golden") or {}
+    return {**GOLDEN_TOLERANCE, **dict(golden.get("tolerance") or {})}
 
 
 def _is_number(v: Any) -> bool:
@@ -172,7 +202,7 @@ def _validate_dualstylegan(doc: dict, graphs: dict, files: dict) -> list[str]:
     return errors
 
 
-def _validate_fast_style(doc: dict, graphs: dict) -> list[str]:
+def _validate_fast_style(doc: dict, graphs: dict, files: dict) -> list[str]:
     """fast_style: a `stylizer` graph (img [N, 3, H, W] -> image of the same shape), model.max_size, golden."""
     errors: list[str] = []
     model = _req(doc, "model", dict, "manifest", errors)
@@ -190,7 +220,9 @@ def _validate_fast_style(doc: dict, graphs: dict) -> list[str]:
     return errors
 
 
-def _validate_stylegan2(doc: dict, graphs: dict) -> list[str]:
+def _validate_stylegan2(doc: dict, graphs: dict, files: dict) -> list[str]:
+    """stylegan2: the generator dims, default psi, w_avg (the truncation centre), a `mapping` and a `synthesis`
+    graph (optional TensorRT engines of the synthesis) and the optional photo encoder."""
     errors: list[str] = []
     model = _req(doc, "model", dict, "manifest", errors)
     if model is None:
@@ -243,6 +275,16 @@ def _validate_latent_space(doc: dict, model: dict, graphs: dict) -> list[str]:
     if "golden" not in enc or not isinstance(enc.get("golden"), dict):
         errors.append("manifest.encoder.golden: missing (the golden.npz keys of the encoder check)")
     return errors
+
+
+# manifest.kind -> the rules of that kind's own fields (the kind's section of bundle_manifest.schema.json says the
+# same in JSON Schema). A new bundle kind adds its rules function above and one line here.
+KIND_RULES: dict[str, Callable[[dict, dict, dict], list[str]]] = {
+    "stylegan2": _validate_stylegan2,
+    "fast_style": _validate_fast_style,
+    "dualstylegan": _validate_dualstylegan,
+}
+BUNDLE_KINDS = tuple(KIND_RULES)
 
 
 def load_manifest(bundle_dir: str | Path) -> dict[str, Any]:

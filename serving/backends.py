@@ -405,10 +405,16 @@ class TensorRTSynthesis:
 
 
 def create_synthesis(bundle: Path, manifest: dict, requested: str, threads: int = 0,
-                     probe: SystemProbe | None = None):
-    """Build the synthesis runner of a bundle for the requested backend (auto | onnxruntime | tensorrt)."""
+                     probe: SystemProbe | None = None, providers: list[str] | None = None):
+    """Build the synthesis runner of a bundle for the requested backend (auto | onnxruntime | tensorrt).
+
+    Args:
+        providers: ONNX Runtime execution providers to use instead of the probe's choice.
+    """
     probe = probe or probe_system(with_tensorrt=requested != "onnxruntime")
     choice = choose_backend(requested, manifest, probe)
+    if providers and choice.kind == "onnxruntime":
+        choice.providers = list(providers)
     name = manifest.get("name")
     if choice.kind == "tensorrt":
         eng = choice.engine
@@ -424,6 +430,8 @@ def create_synthesis(bundle: Path, manifest: dict, requested: str, threads: int 
             log(logger, logging.WARNING, "tensorrt unavailable, falling back to onnxruntime", model=name,
                 error=str(exc))
             choice = choose_backend("onnxruntime", manifest, probe)
+            if providers:
+                choice.providers = list(providers)
     runner = OrtSynthesis(bundle / manifest["graphs"]["synthesis"]["file"], choice.providers, threads)
     log(logger, logging.INFO, "backend", model=name, backend=runner.name, reason=choice.reason)
     return runner

@@ -13,7 +13,6 @@ Rows of the synthesis batcher carry their own style: one float32 row [num_ws, 2 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +20,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from protos.manifest import GOLDEN_NAME
-
-from .backends import OrtGraph, OrtMapping, SystemProbe, ort_available_providers
-from .batcher import BatchItem, DynamicBatcher
+from . import golden as G
+from . import latents as L
+from . import photo
+from .backends import OrtGraph, OrtMapping, SystemProbe
 from .config import BatchConfig
-from .errors import InvalidArgument, ServingError
-from .logs import log
-from .models import (MAPPING_TOLERANCE, BundleRefused, LatentModel, check_bundle_files, check_u8_golden)
-
-logger = logging.getLogger("serving.dualstyle")
+from .errors import BundleRefused, InvalidArgument, ServingError
+from .latent_model import STYLIZE, SYNTHESIS, LatentModel
+from .models import RequestContext, StyleLibrary, StyleOptions
+from .tensors import ParamSpec, TensorSpec
 
 WEIGHT_RANGE = (-2.0, 2.0)  # accepted per-layer extrinsic weights (the official range of use is [0, 1])
 
@@ -72,10 +70,18 @@ class OrtDualStyleSynthesis:
         self.w_dim = w_dim
         self.name = f"onnxruntime:{self.graph.providers[0]}"
 
+    @staticmethod
+    def _feeds(ws: np.ndarray, exstyle_w: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+        return {"ws": np.ascontiguousarray(ws, np.float32), "exstyle_w": np.ascontiguousarray(exstyle_w, np.float32),
+                "weights": np.ascontiguousarray(weights, np.float32)}
+
     def run(self, ws: np.ndarray, exstyle_w: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        feeds = {"ws": np.ascontiguousarray(ws, np.float32), "exstyle_w": np.ascontiguousarray(exstyle_w, np.float32),
-                 "weights": np.ascontiguousarray(weights, np.float32)}
-        return self.graph.run(["img_u8"], feeds)[0]
+        """ws, exstyle_w [N, num_ws, w_dim], weights [N, num_ws] -> img_u8 [N, R, R, 3]."""
+        return self.graph.run(["img_u8"], self._feeds(ws, exstyle_w, weights))[0]
+
+    def run_all(self, ws: np.ndarray, exstyle_w: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the graph by name (img_u8, and img when the graph has it)."""
+        return dict(zip(self.graph.output_names, self.graph.run(None, self._feeds(ws, exstyle_w, weights))))
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         d = self.w_dim
@@ -89,8 +95,9 @@ class DualStyleGANModel(LatentModel):
     """A dualstylegan bundle: LatentModel (mapping, truncation towards 0, optional encoder) + the style library and
     the batched dualstyle synthesis.
 
-    Front ends: `parse_style` / `resolve_style` turn request options into a Style; `await synthesize(ws, style,
-    content_ws, deadline)` -> img_u8; `render_faces` is the photo path's last step (see serving.photo).
+    Style requests: `parse_style(StyleOptions)` -> StyleRequest (checked before any work), `await resolve_style(req,
+    ctx)` -> Style (an exemplar image encoded); `synthesize(ws, style=, content_ws=)` / `enqueue` pack each row with
+    its own style, so requests with different styles and weights share batches.
     """
 
     kind = "dualstylegan"
@@ -109,8 +116,6 @@ class DualStyleGANModel(LatentModel):
         self.synthesis = synthesis
         self.backend_name = synthesis.name
         self.precision = "fp32"
-        self.max_batch = batch.max_batch
-        self.batcher: DynamicBatcher | None = None
 
     def info(self) -> dict[str, Any]:
         d = super().info()
@@ -121,14 +126,8 @@ class DualStyleGANModel(LatentModel):
     # -- loading (blocking; runs in a loader thread) ----------------------------------------------------------
 
     @classmethod
-    def load(cls, path: Path, manifest: dict, version: str, *, backend: str = "auto", threads: int = 0,
-             batch: BatchConfig | None = None, golden_check: bool = True,
-             probe: SystemProbe | None = None) -> "DualStyleGANModel":
-        problems = check_bundle_files(path, manifest)
-        if problems:
-            raise BundleRefused("; ".join(problems))
-        if backend == "tensorrt":
-            raise BundleRefused("dualstylegan bundles have no TensorRT engines; serve them with onnxruntime or auto")
+    def _open(cls, path: Path, manifest: dict, version: str, *, backend: str, threads: int, batch: BatchConfig,
+              probe: SystemProbe | None, providers: list[str] | None) -> "DualStyleGANModel":
         m, graphs, table = manifest["model"], manifest["graphs"], manifest["styles"]
         try:
             with np.load(path / table["file"], allow_pickle=False) as f:
@@ -141,53 +140,55 @@ class DualStyleGANModel(LatentModel):
                                 f"codes of [{m['num_ws']}, {m['w_dim']}]")
         if names != list(table["names"]):
             raise BundleRefused(f"{table['file']}: style names differ from the manifest's style table")
-        providers = [p for p in ("CUDAExecutionProvider",) if p in ort_available_providers()]
-        try:
-            mapping = OrtMapping(path / graphs["mapping"]["file"], threads)
-            synthesis = OrtDualStyleSynthesis(path / graphs["synthesis"]["file"], providers + ["CPUExecutionProvider"],
-                                              int(m["w_dim"]), threads)
-            encoder = cls.load_encoder(path, manifest, threads)
-        except Exception as exc:  # ORT refuses a graph, wrong graph signature, ...
-            raise BundleRefused(f"cannot load graphs: {exc}") from exc
-        model = cls(manifest["name"], version, path, manifest, mapping, synthesis, batch or BatchConfig(), exstyle_w,
-                    names, encoder)
-        if golden_check:
-            model.check_golden()
-        if encoder is not None or model.latent_space:
-            model.warm_face_models()
-        return model
+        mapping = OrtMapping(path / graphs["mapping"]["file"], threads)
+        synthesis = OrtDualStyleSynthesis(path / graphs["synthesis"]["file"], cls.ort_providers(providers),
+                                          int(m["w_dim"]), threads)
+        encoder = cls.load_encoder(path, manifest, threads, providers)
+        return cls(manifest["name"], version, path, manifest, mapping, synthesis, batch, exstyle_w, names, encoder)
 
-    def check_golden(self) -> None:
-        """golden.npz through mapping (w; ws = psi * w in numpy), the style library (the golden rows' codes are
-        library rows) and the synthesis (img_u8), plus the encoder; BundleRefused outside the tolerances."""
-        gold = self.manifest.get("golden")
-        if not gold:
-            raise BundleRefused("the manifest lists no golden outputs (golden.npz); refusing an unchecked bundle")
-        keys = ("z", "psi", "w", "ws", "style_ids", "exstyle_w", "weights", "img_u8")
-        try:
-            with np.load(self.path / gold.get("file", GOLDEN_NAME), allow_pickle=False) as g:
-                ref = {k: g[k] for k in keys}
-        except (OSError, KeyError, ValueError) as exc:
-            raise BundleRefused(f"golden.npz unreadable: {exc}") from exc
-        w = self.mapping(ref["z"].astype(np.float32))
-        err_w = float(np.abs(w - ref["w"]).max())
-        ws = np.concatenate([self.to_ws(w[i: i + 1], float(p)) for i, p in enumerate(ref["psi"])])
-        err_ws = float(np.abs(ws - ref["ws"]).max())
-        if not (err_w <= MAPPING_TOLERANCE and err_ws <= MAPPING_TOLERANCE):
-            raise BundleRefused(f"golden check failed: mapping max |w - golden| = {err_w:.3g}, "
-                                f"|psi * w - golden ws| = {err_ws:.3g} (tolerance {MAPPING_TOLERANCE})")
-        ids = ref["style_ids"]
+    # -- golden checks ----------------------------------------------------------------------------------------
+
+    def golden_checks(self, thorough: bool = False) -> list[G.Check]:
+        """Mapping (w; ws = psi * w by the server's numpy truncation), the style library (the golden rows' codes are
+        library rows; thorough: mapping.onnx on the library's z_plus reproduces its exstyle_w), the synthesis (img_u8;
+        thorough: img too), the encoder."""
+        gold = G.Golden(self.path, self.manifest)
+        checks = self.mapping_checks(gold)
+        ids = gold["style_ids"]
         if (ids.ndim != 1 or ids.min() < 0 or ids.max() >= len(self.style_names)
-                or not np.array_equal(self.exstyle_w[ids], ref["exstyle_w"])):
-            raise BundleRefused("golden check failed: the golden rows' extrinsic codes are not the library's styles")
-        img = self.synthesis.run(ref["ws"], ref["exstyle_w"], ref["weights"])
-        max_diff, frac = check_u8_golden(img, ref["img_u8"], self.precision)
-        err_enc = self._check_golden_encoder() if self.encoder is not None else None
-        log(logger, logging.INFO, "golden check passed", model=self.name, version=self.version,
-            mapping_max_abs=err_w, synthesis_max_diff=max_diff, synthesis_frac_diff=frac, encoder_max_abs=err_enc,
-            styles=len(self.style_names))
+                or not np.array_equal(self.exstyle_w[ids], gold["exstyle_w"])):
+            checks.append(G.Check("styles", "style_ids", math.nan, math.nan, False,
+                                  f"{self.manifest['styles']['file']}: the golden rows' extrinsic codes are not the "
+                                  f"library's styles {list(ids)}"))
+        if thorough:
+            checks += self.library_checks(gold)
+        outs = self.synthesis.run_all(gold["ws"], gold["exstyle_w"], gold["weights"])
+        for out_name, val in outs.items():
+            if out_name in gold and (thorough or out_name == "img_u8"):
+                checks.append(G.image("synthesis", out_name, val, gold[out_name], self.precision, gold.tolerance))
+        return checks + self.encoder_checks(gold)
+
+    def library_checks(self, gold: G.Golden) -> list[G.Check]:
+        """styles.npz: its extrinsic codes are mapping.onnx of its z_plus codes, row by row (untruncated)."""
+        table = self.manifest["styles"]
+        try:
+            with np.load(self.path / table["file"], allow_pickle=False) as f:
+                z_plus = np.asarray(f["z_plus"], np.float32)
+        except (OSError, KeyError, ValueError) as exc:
+            raise BundleRefused(f"{table['file']} unreadable: {exc}") from exc
+        if z_plus.shape != (len(self.style_names), self.num_ws, self.z_dim):
+            return [G.Check("styles", "z_plus", math.nan, math.nan, False,
+                            f"{table['file']}: z_plus {list(z_plus.shape)} is not {len(self.style_names)} codes of "
+                            f"[{self.num_ws}, {self.z_dim}]")]
+        w = self.mapping(z_plus.reshape(-1, self.z_dim)).reshape(self.exstyle_w.shape)
+        return [G.close("styles", "exstyle_w", w, self.exstyle_w, gold.tolerance["max_abs_fp32"],
+                        "mapping.onnx(z_plus)")]
 
     # -- styles -----------------------------------------------------------------------------------------------
+
+    def style_library(self) -> StyleLibrary:
+        return StyleLibrary(list(self.style_names), [float(v) for v in self.default_weights], self.num_ws,
+                            self.res_index)
 
     def style_id(self, spec: int | str) -> int:
         """A library id (int) or name (str) -> id; InvalidArgument when unknown."""
@@ -218,18 +219,56 @@ class DualStyleGANModel(LatentModel):
             raise InvalidArgument(f"{what}: shape {list(arr.shape)}, expected [1, {self.num_ws}, {dim}]")
         return np.ascontiguousarray(arr, dtype=np.float32)
 
-    async def resolve_style(self, req: StyleRequest | None, exemplar_ws: np.ndarray | None = None) -> Style:
+    def parse_style(self, opts: StyleOptions | None, ctx: RequestContext | None) -> StyleRequest:
+        """Style options -> a validated StyleRequest (None = style 0 with the default weights). An exemplar image
+        needs an encoder for the model (FAILED_PRECONDITION otherwise), checked here, before any work."""
+        if opts is None:
+            return StyleRequest()
+        kw: dict[str, Any] = {}
+        if opts.style_id is not None:
+            kw["style_id"] = self.style_id(int(opts.style_id))
+        elif opts.style_name is not None:
+            kw["style_id"] = self.style_id(opts.style_name)
+        elif opts.image is not None:
+            if not opts.image:
+                raise InvalidArgument(f"{opts.what('style_image')}: empty; send PNG, JPEG or WebP bytes")
+            if ctx is not None:
+                ctx.repo.encoder_for(self).release()
+            kw["image"] = bytes(opts.image)
+        for key, dim in (("exstyle_z", self.z_dim), ("exstyle_w", self.w_dim)):
+            given = getattr(opts, key)
+            if given is not None:
+                shape, values = given
+                arr = L.tensor(shape, values, opts.what(key), (None, self.num_ws, dim), 1)
+                kw[key] = self.check_code(arr, dim, opts.what(key))
+        weights = self.check_weights(opts.weights, opts.what("weights"))
+        return StyleRequest(weights=weights, preserve_color=bool(opts.preserve_color), **kw)
+
+    @staticmethod
+    def library_id(style: StyleRequest | None) -> int | None:
+        if style is None or style.image is not None or style.exstyle_z is not None or style.exstyle_w is not None:
+            return None
+        return style.style_id or 0
+
+    async def resolve_style(self, req: StyleRequest | None, ctx: RequestContext | None = None,
+                            exemplar_ws: np.ndarray | None = None) -> Style:
         """The extrinsic code of a StyleRequest (None = style 0 with the default weights).
 
         Args:
-            exemplar_ws: the encoded exemplar [1, num_ws, w_dim] when req.image was given (serving.photo).
+            ctx: encodes req.image (FFHQ-aligned, through the encoder serving this model's latent space).
+            exemplar_ws: the already encoded exemplar [1, num_ws, w_dim] instead (serving.photo, serving.offline).
         """
         req = req or StyleRequest()
         weights = self.default_weights if req.weights is None else req.weights
         style_id = None
         if req.image is not None:
             if exemplar_ws is None:
-                raise ServingError("internal: the exemplar style image was not encoded")
+                if ctx is None:
+                    raise ServingError("internal: the exemplar style image was not encoded")
+                with ctx.repo.encoder_for(self) as enc:
+                    exemplar_ws = await photo.encode_style_image(enc, req.image,
+                                                                 max_photo_size=ctx.limits.max_photo_size,
+                                                                 pool=ctx.pool, deadline=ctx.deadline)
             ex = self.check_code(exemplar_ws, self.w_dim, "style_image")
         elif req.exstyle_w is not None:
             ex = req.exstyle_w
@@ -253,9 +292,12 @@ class DualStyleGANModel(LatentModel):
         wt = np.broadcast_to(np.asarray(weights, np.float32).reshape(-1, self.num_ws), (n, self.num_ws))
         return np.concatenate([ws, ex, wt[:, :, None]], axis=2)
 
-    def style_rows(self, ws: np.ndarray, style: Style, content_ws: np.ndarray | None = None) -> np.ndarray:
-        """Packed rows for truncated ws [N, num_ws, w_dim] in one style; preserve_color takes the colour latents of
-        the extrinsic code from content_ws (the untruncated content codes, required then)."""
+    def _rows(self, ws: np.ndarray, style: Style | None, content_ws: np.ndarray | None) -> np.ndarray:
+        """Packed rows for truncated ws [N, num_ws, w_dim] in one style (None = style 0, default weights);
+        preserve_color takes the colour latents of the extrinsic code from content_ws (the untruncated content codes,
+        required then)."""
+        if style is None:
+            style = Style(self.exstyle_w[:1], self.default_weights, False, 0)
         ex = style.exstyle_w
         if style.preserve_color:
             if content_ws is None:
@@ -263,35 +305,58 @@ class DualStyleGANModel(LatentModel):
             ex = preserve_colour(ex, content_ws, self.res_index)
         return self.pack(ws, ex, style.weights)
 
-    async def synthesize_rows(self, rows: np.ndarray, deadline: float | None = None,
-                              stats: dict[str, float] | None = None) -> np.ndarray:
-        """Packed rows -> img_u8 [N, R, R, 3] through the dynamic batcher (deadline / stats as StyleGAN2Model)."""
-        assert self.batcher is not None, "model not started"
-        out, queue_s = await self.batcher.submit(rows, deadline)
-        if stats is not None:
-            stats["queue_s"] = queue_s
-        return out
+    def _run_synthesis(self, rows: np.ndarray) -> np.ndarray:
+        return self.synthesis(rows)
 
-    async def synthesize(self, ws: np.ndarray, style: Style, content_ws: np.ndarray | None = None,
-                         deadline: float | None = None, stats: dict[str, float] | None = None) -> np.ndarray:
-        """Truncated ws [N, num_ws, w_dim] in one style -> img_u8 [N, R, R, 3]."""
-        return await self.synthesize_rows(self.style_rows(ws, style, content_ws), deadline, stats)
-
-    def enqueue_rows(self, rows: np.ndarray, deadline: float | None = None) -> list[BatchItem]:
-        """Queue packed rows without waiting (streams): await each item's future, cancel it to drop the row."""
-        assert self.batcher is not None, "model not started"
-        return self.batcher.enqueue(rows, deadline)
+    def _runners(self) -> list:
+        return [self.synthesis, *super()._runners()]
 
     async def render_faces(self, ws: np.ndarray, psi: float | None, deadline: float | None,
                            stats: dict[str, float], style: StyleRequest | None = None,
                            exemplar_ws: np.ndarray | None = None) -> np.ndarray:
         """Encoded faces ws [F, num_ws, w_dim] (untruncated) -> crops img_u8 [F, R, R, 3]: psi (None = default_psi)
         towards 0, the requested style (preserve_color from the untruncated codes), the batched synthesis."""
-        resolved = await self.resolve_style(style, exemplar_ws)
-        return await self.synthesize(self.to_ws(ws, psi), resolved, ws, deadline, stats)
+        resolved = await self.resolve_style(style, exemplar_ws=exemplar_ws)
+        return await self.synthesize(self.to_ws(ws, psi), deadline, stats, style=resolved, content_ws=ws)
 
-    async def close(self) -> None:
-        await self._close_runners([self.batcher, self.encoder_batcher], [self.synthesis, self.mapping, self.encoder])
+    # -- inference endpoints ----------------------------------------------------------------------------------
+
+    def extra_inputs(self, suffix: str) -> tuple[TensorSpec, ...]:
+        n, d = self.num_ws, self.w_dim
+        if suffix == "":
+            return (TensorSpec("STYLE_ID", "INT64", (-1, 1), optional=True, description="library style, 1 or N rows "
+                               "(default 0)"),
+                    TensorSpec("WEIGHTS", "FP32", (-1, n), optional=True, description="per-layer weights, 1 or N "
+                               "rows (default the bundle's)"))
+        if suffix == SYNTHESIS:
+            return (TensorSpec("EXSTYLE_W", "FP32", (-1, n, d)), TensorSpec("WEIGHTS", "FP32", (-1, n)))
+        return ()
+
+    def extra_params(self, suffix: str) -> tuple[ParamSpec, ...]:
+        if suffix != STYLIZE:
+            return ()
+        return (ParamSpec("style_id", "int64|string", "a library style by id or name (default 0)"),
+                ParamSpec("weights", "string", "per-layer weights 'w0,w1,...' (default the bundle's)"),
+                ParamSpec("preserve_color", "bool", "keep the content's colours"))
+
+    def infer_rows(self, suffix: str, ws: np.ndarray, x: dict[str, np.ndarray]) -> np.ndarray:
+        """`.synthesis` takes WS, EXSTYLE_W, WEIGHTS as they are (N rows each); `<name>` looks STYLE_ID up in the
+        library, WEIGHTS defaulting to the bundle's (1 or N rows each)."""
+        n = len(ws)
+        if suffix == SYNTHESIS:
+            if len(x["EXSTYLE_W"]) != n or len(x["WEIGHTS"]) != n:
+                raise InvalidArgument(f"inputs 'WS', 'EXSTYLE_W' and 'WEIGHTS' need the same number of rows "
+                                      f"({n}, {len(x['EXSTYLE_W'])}, {len(x['WEIGHTS'])})")
+            return self.pack(ws, x["EXSTYLE_W"], x["WEIGHTS"])
+        ids = x["STYLE_ID"][:, 0] if "STYLE_ID" in x else np.zeros(1, np.int64)
+        weights = x["WEIGHTS"] if "WEIGHTS" in x else self.default_weights[None]
+        for name, rows in (("STYLE_ID", ids), ("WEIGHTS", weights)):
+            if len(rows) not in (1, n):
+                raise InvalidArgument(f"input {name!r}: {len(rows)} rows for {n} latents (give 1 or {n})")
+        ex = self.exstyle_w[[self.style_id(int(i)) for i in ids]]
+        for row in weights:
+            self.check_weights(row, "input 'WEIGHTS'")
+        return self.pack(ws, ex, weights)
 
 
 def preserve_colour(exstyle_w: np.ndarray, content_ws: np.ndarray, res_index: int) -> np.ndarray:
@@ -302,14 +367,3 @@ def preserve_colour(exstyle_w: np.ndarray, content_ws: np.ndarray, res_index: in
     out = np.array(np.broadcast_to(exstyle_w, (n,) + exstyle_w.shape[1:]), dtype=np.float32)
     out[:, res_index + 1:] = content_ws[:, res_index + 1:]
     return out
-
-
-def parse_weights(text: str, what: str = "weights") -> list[float]:
-    """'0.75,0.75,1' (KServe parameter / CLI) -> floats; InvalidArgument on anything else."""
-    try:
-        vals = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise InvalidArgument(f"{what}: expected comma-separated numbers, got {text!r}") from None
-    if not all(math.isfinite(v) for v in vals):
-        raise InvalidArgument(f"{what}: every weight must be finite")
-    return vals

@@ -44,3 +44,7 @@ class Unavailable(ServingError):
     """The server or model is shutting down / being unloaded."""
 
     code = "UNAVAILABLE"
+
+
+class BundleRefused(ValueError):
+    """A bundle cannot be served (files, checksums, graphs, golden outputs, kind); the repository marks it FAILED."""

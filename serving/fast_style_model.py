@@ -1,81 +1,35 @@
-"""`fast_style` bundles: a feed-forward stylizer (stylizer.onnx, img [N, 3, H, W] in [-1, 1] -> same shape) for
-photos of any size up to the bundle's model.max_size.
+"""`fast_style` bundles: a feed-forward stylizer (Johnson et al., "Perceptual Losses for Real-Time Style Transfer and
+Super-Resolution", ECCV 2016; stylizer.onnx, img [N, 3, H, W] in [-1, 1] -> same shape) for photos of any size up
+to the bundle's model.max_size.
 
-`await model.stylize(img_u8 [H, W, 3], deadline) -> img_u8 [H, W, 3]` is the whole interface the front ends
-(StyleService.Stylize / StylizeStream, KServe v2) need; `decode_image` turns uploaded PNG / JPEG / WebP bytes into
-img_u8 with every size check done before the pixels are decoded. Images of different sizes cannot share a batch,
-so the batcher runs one image at a time (it still gives the bounded queue, deadlines and cancellation).
+`await model.stylize(img_u8 [H, W, 3], deadline) -> img_u8 [H, W, 3]` is the whole runtime; the front ends reach it
+through `stylize_photo` (StyleService.Stylize / StylizeStream) and the `<name>` inference endpoint (IMAGE UINT8
+[-1, -1, -1, 3] -> STYLIZED, KServe v2). Images of different sizes cannot share a batch, so the batcher runs one
+image at a time (it still gives the bounded queue, deadlines and cancellation).
 """
 
 from __future__ import annotations
 
-import io
-import logging
-import warnings
+import asyncio
+import time
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from protos.manifest import GOLDEN_NAME
-from common.faces import to_rgb_u8
-
-from .backends import OrtGraph, img_to_u8, ort_available_providers, u8_to_img
-from .batcher import BatchItem, DynamicBatcher
+from . import golden as G
+from . import photo
+from .backends import OrtGraph, SystemProbe, img_to_u8, u8_to_img
+from .batcher import BatchItem
+from .codecs import MIN_SIDE, decode_image
 from .config import BatchConfig
 from .errors import InvalidArgument
-from .logs import log
 from .metrics import Metrics
-from .models import BundleRefused, LoadedModel, check_bundle_files
+from .models import LoadedModel, RequestContext, StyleOptions
+from .tensors import Endpoint, TensorSpec, require_inputs
 
-logger = logging.getLogger("serving.fast_style")
-
-MIN_SIZE = 5               # the network's smallest input side (training.style.fast_style.MIN_SIZE)
-GOLDEN_MAX_ABS = 1e-4      # ONNX Runtime fp32 against the PyTorch outputs in golden.npz
-INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
-
-
-def decode_image(data: bytes, max_side: int, max_pixels: int | None = None) -> np.ndarray:
-    """PNG / JPEG / WebP bytes -> img_u8 [H, W, 3] (EXIF orientation applied; grayscale, alpha over white,
-    palette and 16-bit images converted to RGB8 by common.faces.to_rgb_u8). Blocking.
-
-    The size is checked from the header before any pixel is decoded (decompression bombs never expand).
-
-    Raises:
-        InvalidArgument: empty, corrupt or unsupported data; a side > max_side or < MIN_SIZE; more than
-            max_pixels (default max_side ** 2) pixels.
-    """
-    from PIL import Image
-
-    if not data:
-        raise InvalidArgument("image: empty; send PNG, JPEG or WebP bytes")
-    max_pixels = max_pixels or max_side * max_side
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                im = Image.open(io.BytesIO(data))
-            except Image.DecompressionBombError as exc:
-                raise InvalidArgument(f"image: exceeds the model's limit of {max_side}x{max_side} px ({exc})") from None
-            if im.format not in INPUT_FORMATS:
-                raise InvalidArgument(f"image: format {im.format} is not supported (PNG, JPEG or WebP)")
-            w, h = im.size
-            if w > max_side or h > max_side or w * h > max_pixels:
-                raise InvalidArgument(f"image: {w}x{h} exceeds the model's limit of {max_side}x{max_side} px "
-                                      f"({max_pixels} pixels)")
-            # Decodes, applies EXIF orientation (the size may swap; the limits above are symmetric) and brings
-            # grayscale, alpha, palette and 16-bit images to RGB8.
-            arr = to_rgb_u8(im)
-    except InvalidArgument:
-        raise
-    except MemoryError:
-        raise
-    except Exception as exc:  # PIL raises many types on corrupt data (OSError, SyntaxError, ValueError, ...)
-        raise InvalidArgument(f"image: cannot decode ({type(exc).__name__}: {exc})") from None
-    if min(arr.shape[0], arr.shape[1]) < MIN_SIZE:
-        raise InvalidArgument(f"image: {arr.shape[1]}x{arr.shape[0]} is smaller than {MIN_SIZE}x{MIN_SIZE} px")
-    return np.ascontiguousarray(arr)
+MIN_SIZE = MIN_SIDE  # the network's smallest input side (training.style.fast_style.MIN_SIZE)
 
 
 class FastStyleModel(LoadedModel):
@@ -94,7 +48,7 @@ class FastStyleModel(LoadedModel):
         self.backend_name = f"onnxruntime:{graph.providers[0]}"
         self.max_batch = 1  # images of different sizes cannot be stacked
         self.batch_cfg = batch
-        self.batcher: DynamicBatcher | None = None
+        self.batcher = None
         self.executor: Executor | None = None
 
     def info(self) -> dict[str, Any]:
@@ -102,53 +56,28 @@ class FastStyleModel(LoadedModel):
         d.update(max_size=self.max_size)
         return d
 
-    # -- loading (blocking; runs in a loader thread) ----------------------------------------------------------
-
     @classmethod
-    def load(cls, path: Path, manifest: dict, version: str, *, backend: str = "auto", threads: int = 0,
-             batch: BatchConfig | None = None, golden_check: bool = True, probe=None) -> "FastStyleModel":
-        problems = check_bundle_files(path, manifest)
-        if problems:
-            raise BundleRefused("; ".join(problems))
-        if backend == "tensorrt":
-            raise BundleRefused("fast_style bundles have no TensorRT engines; serve them with onnxruntime or auto")
-        providers = [p for p in ("CUDAExecutionProvider",) if p in ort_available_providers()]
-        try:
-            graph = OrtGraph(path / manifest["graphs"]["stylizer"]["file"], providers + ["CPUExecutionProvider"],
-                             threads)
-        except Exception as exc:
-            raise BundleRefused(f"cannot load graphs: {exc}") from exc
-        model = cls(manifest["name"], version, path, manifest, graph, batch or BatchConfig())
-        if golden_check:
-            model.check_golden()
-        return model
+    def _open(cls, path: Path, manifest: dict, version: str, *, backend: str, threads: int, batch: BatchConfig,
+              probe: SystemProbe | None, providers: list[str] | None) -> "FastStyleModel":
+        graph = OrtGraph(path / manifest["graphs"]["stylizer"]["file"], cls.ort_providers(providers), threads)
+        return cls(manifest["name"], version, path, manifest, graph, batch)
 
     def run_float(self, img: np.ndarray) -> np.ndarray:
         return self.graph.run([self.output_name], {self.input_name: img})[0]
 
-    def check_golden(self) -> None:
-        """Every golden input (img_i) against its PyTorch output (out_i); raise BundleRefused beyond 1e-4."""
-        gold = self.manifest.get("golden")
-        if not gold:
-            raise BundleRefused("the manifest lists no golden outputs (golden.npz); refusing an unchecked bundle")
-        try:
-            with np.load(self.path / gold.get("file", GOLDEN_NAME), allow_pickle=False) as g:
-                pairs = [(g[f"img_{i}"], g[f"out_{i}"]) for i in range(len(g.files) // 2)]
-        except (OSError, KeyError, ValueError) as exc:
-            raise BundleRefused(f"golden.npz unreadable: {exc}") from exc
-        if not pairs:
-            raise BundleRefused("golden.npz holds no inputs")
-        errs = []
-        for x, ref in pairs:
-            out = self.run_float(x.astype(np.float32))
-            if out.shape != ref.shape:
-                raise BundleRefused(f"golden check failed: stylizer output {out.shape}, golden {ref.shape}")
-            errs.append(float(np.abs(out.astype(np.float64) - ref).max()))
-        if max(errs) > GOLDEN_MAX_ABS:
-            raise BundleRefused(f"golden check failed: stylizer max |out - golden| = {max(errs):.3g} "
-                                f"(tolerance {GOLDEN_MAX_ABS})")
-        log(logger, logging.INFO, "golden check passed", model=self.name, version=self.version,
-            stylizer_max_abs=max(errs), sizes=[list(x.shape[2:]) for x, _ in pairs])
+    def golden_checks(self, thorough: bool = False) -> list[G.Check]:
+        """Every golden input (img_i, of different sizes) against its PyTorch output (out_i), max abs."""
+        gold = G.Golden(self.path, self.manifest)
+        checks = []
+        i = 0
+        while f"img_{i}" in gold and f"out_{i}" in gold:
+            x, ref = gold[f"img_{i}"], gold[f"out_{i}"]
+            checks.append(G.close("stylizer", f"out_{i}", self.run_float(x.astype(np.float32)), ref,
+                                  gold.tolerance["max_abs_fp32"], f"{ref.shape[2]}x{ref.shape[3]}"))
+            i += 1
+        if not checks:
+            raise G.BundleRefused("golden.npz holds no inputs")
+        return checks
 
     # -- serving ----------------------------------------------------------------------------------------------
 
@@ -159,10 +88,7 @@ class FastStyleModel(LoadedModel):
     async def start(self, executor: Executor | None, metrics: Metrics | None) -> None:
         await super().start(executor, metrics)
         self.executor = executor
-        b = self.batch_cfg
-        self.batcher = DynamicBatcher(self.name, self._run, max_batch=1, max_queue_delay_s=0.0,
-                                      max_queue=b.max_queue, executor=executor, metrics=metrics)
-        self.batcher.start()
+        self.batcher = self._batcher(self.name, self._run, 1, 0.0, executor, metrics)
 
     def check_image(self, img_u8: np.ndarray) -> np.ndarray:
         if img_u8.ndim != 3 or img_u8.shape[2] != 3 or img_u8.dtype != np.uint8:
@@ -193,7 +119,43 @@ class FastStyleModel(LoadedModel):
         return self.batcher.enqueue(self.check_image(img_u8)[None], deadline)[0]
 
     async def close(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.close()
+        await self._close_runners([self.batcher], [])
         self.graph = None  # type: ignore[assignment]
-        log(logger, logging.INFO, "model unloaded", model=self.name, version=self.version)
+
+    # -- what the front ends ask ------------------------------------------------------------------------------
+
+    @property
+    def stylizes_photos(self) -> bool:
+        return True
+
+    def check_stylize(self, ctx: RequestContext) -> None:
+        pass
+
+    async def stylize_photo(self, image: bytes, face: photo.FaceRequest, style: StyleOptions | None,
+                            ctx: RequestContext) -> photo.PhotoResult:
+        """Decode (thread pool), stylize the whole image (batcher); face options do not apply."""
+        self.parse_style(style, ctx)
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        img = await loop.run_in_executor(ctx.pool, self.decode, image)
+        t1 = time.perf_counter()
+        stats: dict[str, float] = {}
+        out = await self.stylize(img, ctx.deadline, stats)
+        return photo.PhotoResult(out, seconds={"decode": t1 - t0, "synthesis": time.perf_counter() - t1,
+                                               "queue": stats.get("queue_s", 0.0)})
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        # -1: any height/width (checked against the bundle's max_size per image)
+        return {"": Endpoint("", (TensorSpec("IMAGE", "UINT8", (-1, -1, -1, 3), description="RGB pixels"),),
+                             (TensorSpec("STYLIZED", "UINT8", (-1, -1, -1, 3), description="same size"),),
+                             description=f"photos of any size up to {self.max_size} px")}
+
+    async def infer(self, suffix: str, inputs: dict[str, np.ndarray], params: dict[str, Any],
+                    ctx: RequestContext) -> dict[str, np.ndarray]:
+        if suffix != "":
+            return await super().infer(suffix, inputs, params, ctx)
+        require_inputs(inputs, ["IMAGE"])
+        # One image per batcher row (sizes differ between requests); rows of one request run concurrently.
+        rows = [np.ascontiguousarray(im) for im in inputs["IMAGE"]]
+        out = await asyncio.gather(*(self.stylize(im, ctx.deadline) for im in rows))
+        return {"STYLIZED": np.stack(out)}

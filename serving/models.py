@@ -1,56 +1,125 @@
-"""Loaded models: one version of one bundle, ready to run, with its own dynamic batcher.
+"""Loaded models: the protocol-neutral interface every kind of bundle implements and every front end uses.
 
-`LoadedModel` is the protocol-independent interface every front end (StyleService, KServe v2) uses; `LatentModel`
-is what the generator kinds share (mapping, truncation, the optional photo encoder), with `StyleGAN2Model` here and
-`serving.dualstyle_model.DualStyleGANModel`. The kinds of bundle are dispatched on manifest["kind"] through
-`MODEL_KINDS`; a kind this server cannot run is refused with a clear message.
+`LoadedModel` is one version of one bundle with its own dynamic batcher(s). Front ends (StyleService, KServe v2 gRPC,
+HTTP/REST) never test a model's class: they ask its capabilities (`generates`, `stylizes_photos`, `style_library`,
+`endpoints`) and call the protocol-neutral methods (`infer`, `stylize_photo`, and for generators `to_ws` /
+`synthesize` / `enqueue`); serving.latent_model.LatentModel is what the generator kinds share. The kinds live in
+their own modules (serving.stylegan2_model, serving.dualstyle_model, serving.fast_style_model) and register in
+serving.kinds; this module imports none of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from protos.manifest import GOLDEN_NAME
 from protos.manifest import check_bundle_files as _check_bundle_files
 
-from . import latents as L
-from .backends import OrtEncoder, OrtMapping, SystemProbe, create_synthesis, ort_available_providers
-from .batcher import BatchItem, DynamicBatcher
-from .config import BatchConfig
-from .errors import InvalidArgument, ServingError
+from . import golden as G
+from . import photo
+from .backends import SystemProbe, ort_available_providers
+from .batcher import DynamicBatcher
+from .config import BatchConfig, Limits
+from .errors import BundleRefused, InvalidArgument, ModelNotFound, ServingError
 from .logs import log
 from .metrics import Metrics
+from .tensors import Endpoint
+
+__all__ = ["BundleRefused", "Lease", "LoadedModel", "RequestContext", "StyleLibrary", "StyleOptions",
+           "check_bundle_files"]
 
 logger = logging.getLogger("serving.models")
-
-# Golden check tolerances on uint8 images: (max level difference, fraction of values allowed to differ).
-U8_TOLERANCE = {"fp32": (1, 0.01), "fp16": (8, 0.25)}
-MAPPING_TOLERANCE = 1e-4
-# The encoder is a deep ResNet: ONNX Runtime and PyTorch fp32 differ by float rounding accumulated over ~100 layers.
-ENCODER_TOLERANCE = 1e-3
-
-
-class BundleRefused(ValueError):
-    """The bundle cannot be served (files, checksums, graphs, golden outputs, kind)."""
-
 
 def check_bundle_files(bundle: Path, manifest: dict) -> list[str]:
     """Every listed file exists with its size and sha256; no unlisted (non-hidden) files."""
     return _check_bundle_files(bundle, manifest, ignore_hidden=True)
 
 
+@dataclass
+class RequestContext:
+    """What a front end hands a model with a request besides its data: the repository (the encoder serving a latent
+    space), the request limits, the thread pool for blocking work (decode, align, image encoding) and the absolute
+    time.monotonic() deadline (None = none)."""
+
+    repo: Any
+    limits: Limits
+    pool: Executor | None = None
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class StyleOptions:
+    """Extrinsic style options of a request as a protocol gives them (StyleService `dualstyle`, KServe parameters),
+    not yet checked against a model: at most one source (library id or name, exemplar image, exstyle_z / exstyle_w as
+    (shape, values)), per-layer weights, preserve_color. `where` prefixes error messages ("dualstyle", "parameter")."""
+
+    style_id: int | None = None
+    style_name: str | None = None
+    image: bytes | None = None
+    exstyle_z: tuple[tuple[int, ...], list[float]] | None = None
+    exstyle_w: tuple[tuple[int, ...], list[float]] | None = None
+    weights: list[float] | None = None
+    preserve_color: bool = False
+    where: str = "dualstyle"
+
+    PARAMS = ("style_id", "weights", "preserve_color")  # the inference-protocol parameters that carry a style
+
+    def what(self, field: str) -> str:
+        return f"parameter {field!r}" if self.where == "parameter" else f"{self.where}.{field}"
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "StyleOptions | None":
+        """Inference-protocol parameters `style_id` (int64, or a style name as string), `weights` (string
+        "w0,w1,..."), `preserve_color` (bool) -> StyleOptions; None when none is given."""
+        if not any(k in params for k in cls.PARAMS):
+            return None
+        sid = params.get("style_id")
+        weights = params.get("weights")
+        if weights is not None:
+            if not isinstance(weights, str):
+                raise InvalidArgument(f"parameter 'weights': expected a string 'w0,w1,...', got {weights!r}")
+            try:
+                weights = [float(v) for v in weights.replace(" ", "").split(",") if v != ""]
+            except ValueError:
+                raise InvalidArgument(f"parameter 'weights': expected comma-separated numbers, got "
+                                      f"{params['weights']!r}") from None
+        if sid is not None and (isinstance(sid, bool) or not isinstance(sid, (int, str))):
+            raise InvalidArgument(f"parameter 'style_id': an int64 id or a style name, got {sid!r}")
+        return cls(style_id=sid if isinstance(sid, int) else None, style_name=sid if isinstance(sid, str) else None,
+                   weights=weights, preserve_color=bool(params.get("preserve_color", False)), where="parameter")
+
+
+@dataclass(frozen=True)
+class StyleLibrary:
+    """A model's style library (ListStyles): names in id order, default per-layer weights, the layer split."""
+
+    names: list[str]
+    default_weights: list[float]
+    num_ws: int
+    res_index: int
+
+
 class LoadedModel:
     """One loaded version of a bundle. Requests hold a lease (`Lease`) while they use it, so a replaced or
-    removed version finishes its in-flight requests before `retire` closes it."""
+    removed version finishes its in-flight requests before `retire` closes it.
+
+    A kind subclasses it and provides `_open` (build the runners; the bundle's files are already checked),
+    `golden_checks`, and whichever capabilities it has.
+    """
 
     kind = "?"
+    generates = False            # Generate / GenerateStream: latents -> images (LatentModel)
+    serves_engines = False       # may run a TensorRT engine of the bundle (backend "tensorrt")
+    encoder = None               # a photo encoder runner (generator kinds with encoder.onnx)
+    latent_space = ""
 
     def __init__(self, name: str, version: str, path: Path, manifest: dict):
         self.name = name
@@ -59,25 +128,151 @@ class LoadedModel:
         self.manifest = manifest
         self.backend_name = ""
         self.max_batch = 1
+        self.batch_cfg = BatchConfig()
         self.manifest_sha = ""
         self.accepting = True
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
         self.loaded_at = time.time()
 
+    # -- loading (blocking; runs in a loader thread) ----------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: Path, manifest: dict, version: str, *, backend: str = "auto", threads: int = 0,
+             batch: BatchConfig | None = None, golden_check: bool = True, probe: SystemProbe | None = None,
+             providers: list[str] | None = None, warm: bool = True, check_files: bool = True) -> "LoadedModel":
+        """Check the bundle's files, open its graphs, run the golden checks (unless golden_check=False).
+
+        Args:
+            backend: "auto" | "onnxruntime" | "tensorrt" (only for kinds that serve engines).
+            providers: ONNX Runtime execution providers for every graph (default: CUDA when available, else CPU).
+            warm: load what the first request would otherwise wait for (the face models); off for verify.
+            check_files: check every file against the manifest's sha256 first (off when the caller just did).
+        Raises:
+            BundleRefused: files, graphs, golden outputs or the backend do not fit.
+        """
+        problems = check_bundle_files(path, manifest) if check_files else []
+        if problems:
+            raise BundleRefused("; ".join(problems))
+        if backend == "tensorrt" and not cls.serves_engines:
+            raise BundleRefused(f"{cls.kind} bundles have no TensorRT engines; serve them with onnxruntime or auto")
+        try:
+            model = cls._open(path, manifest, version, backend=backend, threads=threads, batch=batch or BatchConfig(),
+                              probe=probe, providers=providers)
+        except (ServingError, BundleRefused):
+            raise
+        except Exception as exc:  # ORT refuses a graph, wrong graph signature, TensorRT forced but unusable, ...
+            raise BundleRefused(f"cannot load graphs: {exc}") from exc
+        if golden_check:
+            model.check_golden()
+        if warm:
+            model.after_load()
+        return model
+
+    @classmethod
+    def _open(cls, path: Path, manifest: dict, version: str, *, backend: str, threads: int, batch: BatchConfig,
+              probe: SystemProbe | None, providers: list[str] | None) -> "LoadedModel":
+        raise NotImplementedError
+
+    @staticmethod
+    def ort_providers(providers: list[str] | None) -> list[str]:
+        """The execution providers of a batched graph: the given ones, else CUDA when available, then CPU."""
+        if providers:
+            return list(providers)
+        return [p for p in ("CUDAExecutionProvider",) if p in ort_available_providers()] + ["CPUExecutionProvider"]
+
+    def after_load(self) -> None:
+        """Warm-up after the golden checks passed (blocking)."""
+
+    # -- golden checks ----------------------------------------------------------------------------------------
+
+    def golden_checks(self, thorough: bool = False) -> list[G.Check]:
+        """Run golden.npz through this model's own runners, with the manifest's tolerances.
+
+        Args:
+            thorough: also check what this server would not run (every graph output, graph variants such as the fp16
+                synthesis), as `stylecast export verify` does.
+        Raises:
+            BundleRefused: golden.npz unreadable or lacking an array.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def engine_checks(cls, bundle: Path, manifest: dict, entry: dict) -> list[G.Check]:
+        """The golden checks of one TensorRT engine of a bundle, on this machine (serving.verify; the server runs
+        the same ones on the engine it serves with)."""
+        return [G.Check(f"engine.{entry.get('precision', '?')}", "*", math.nan, math.nan, False,
+                        f"{entry.get('file')}: {cls.kind} bundles carry no TensorRT engines")]
+
+    def check_golden(self) -> None:
+        """The golden checks the server runs before READY; BundleRefused naming the first one outside tolerance."""
+        checks = self.golden_checks()
+        G.require(checks)
+        log(logger, logging.INFO, "golden check passed", model=self.name, version=self.version, kind=self.kind,
+            **{f"{c.graph}_{c.output}_max_abs": c.max_abs for c in checks})
+
+    # -- what the front ends ask ------------------------------------------------------------------------------
+
     @property
     def description(self) -> str:
         return str(self.manifest.get("description") or self.manifest.get("model", {}).get("description") or "")
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "version": self.version, "backend": self.backend_name,
                 "max_batch": self.max_batch, "description": self.description, "bundle": self.path.name}
 
-    # Leases (event-loop thread only)
+    @property
+    def stylizes_photos(self) -> bool:
+        """Whether Stylize can work on this model at all (an encoder may still have to be loaded)."""
+        return False
+
+    @property
+    def uses_face_encoder(self) -> bool:
+        """Whether Stylize goes through a face encoder (the repository's `encoder_for`)."""
+        return False
+
+    def style_library(self) -> StyleLibrary | None:
+        """The style library (ListStyles), or None for a model without one."""
+        return None
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        """The inference-protocol models of this bundle by name suffix ("" = the bundle's own name)."""
+        return {}
+
+    async def infer(self, suffix: str, inputs: dict[str, np.ndarray], params: dict[str, Any],
+                    ctx: RequestContext) -> dict[str, np.ndarray]:
+        """Run one inference request of endpoint `suffix` on inputs already decoded against its TensorSpecs.
+
+        Returns:
+            {output name: array [N, ...]} (BYTES outputs as object arrays of bytes).
+        """
+        raise ModelNotFound(f"model {self.name!r} has no inference endpoint {suffix!r}")
+
+    def check_stylize(self, ctx: RequestContext) -> None:
+        """Raise FAILED_PRECONDITION now (before any work) when Stylize cannot run on this model."""
+        raise ServingError(f"model {self.name!r} is a {self.kind!r} model, which cannot stylize photos",
+                           code="FAILED_PRECONDITION")
+
+    async def stylize_photo(self, image: bytes, face: photo.FaceRequest, style: StyleOptions | None,
+                            ctx: RequestContext) -> photo.PhotoResult:
+        """One uploaded photo (encoded bytes) -> the stylized image."""
+        self.check_stylize(ctx)
+        raise NotImplementedError(f"{type(self).__name__} accepts photos but implements no stylize_photo")
+
+    def parse_style(self, opts: StyleOptions | None, ctx: RequestContext) -> Any:
+        """Style options -> this model's checked style request (None = the model's default); a model without a
+        style library takes none (INVALID_ARGUMENT)."""
+        if opts is not None:
+            raise InvalidArgument(f"{opts.where}: model {self.name!r} is a {self.kind!r} model, which takes no "
+                                  f"{opts.where} options (it has no style library)")
+        return None
+
+    # -- leases (event-loop thread only) ----------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
     def _acquire(self) -> None:
         self._in_flight += 1
         if self._idle is not None:
@@ -103,6 +298,29 @@ class LoadedModel:
     async def close(self) -> None:
         pass
 
+    def _batcher(self, name: str, run, max_batch: int, delay_s: float | None, executor: Executor | None,
+                 metrics: Metrics | None) -> DynamicBatcher:
+        """A started dynamic batcher of this model (queue size and delay from its batch config)."""
+        b = self.batch_cfg
+        batcher = DynamicBatcher(name, run, max_batch=max_batch,
+                                 max_queue_delay_s=b.max_queue_delay_ms / 1000 if delay_s is None else delay_s,
+                                 max_queue=b.max_queue, executor=executor, metrics=metrics)
+        batcher.start()
+        return batcher
+
+    async def _close_runners(self, batchers: list, runners: list) -> None:
+        for batcher in batchers:
+            if batcher is not None:
+                await batcher.close()
+        for runner in runners:
+            if runner is None:
+                continue
+            try:
+                runner.close()
+            except Exception as exc:  # never let a failing close stop an unload
+                log(logger, logging.WARNING, "close failed", model=self.name, error=repr(exc))
+        log(logger, logging.INFO, "model unloaded", model=self.name, version=self.version)
+
 
 class Lease:
     """`with repository.acquire(name) as model:` keeps that version alive until the block ends."""
@@ -122,313 +340,3 @@ class Lease:
         if not self._released:
             self._released = True
             self.model._release()
-
-
-class LatentModel(LoadedModel):
-    """What the generator-family bundles (stylegan2, dualstylegan) share: mapping.onnx (z -> w, run per request), the
-    latent geometry, the truncation rule and the optional photo encoder (encoder.onnx, dynamically batched).
-
-    `await map_w(z)` / `await seeds_to_w(seeds)` -> untruncated w [N, w_dim]; `to_ws(w, psi, cutoff)` -> ws
-    truncated towards `trunc_origin` (stylegan2: w_avg; dualstylegan: 0); a bundle with encoder.onnx adds
-    `await encode(aligned_u8, deadline)` -> ws [N, num_ws, w_dim]. Subclasses add synthesis and `render_faces`.
-    """
-
-    def __init__(self, name: str, version: str, path: Path, manifest: dict, mapping: OrtMapping, batch: BatchConfig,
-                 encoder: OrtEncoder | None = None):
-        super().__init__(name, version, path, manifest)
-        self.encoder = encoder
-        self.encoder_info: dict = dict(manifest.get("encoder") or {}) if encoder is not None else {}
-        self.encoder_batcher: DynamicBatcher | None = None
-        m = manifest["model"]
-        self.latent_space = str(m.get("latent_space") or "")
-        self.resolution = int(m["resolution"])
-        self.z_dim, self.w_dim, self.num_ws = int(m["z_dim"]), int(m["w_dim"]), int(m["num_ws"])
-        self.default_psi = float(m["default_psi"])
-        self.trunc_origin = np.zeros(self.w_dim, dtype=np.float32)  # set by subclasses
-        self.mapping = mapping
-        self.batch_cfg = batch
-        self.executor: Executor | None = None
-
-    def info(self) -> dict[str, Any]:
-        d = super().info()
-        d.update(resolution=self.resolution, z_dim=self.z_dim, w_dim=self.w_dim, num_ws=self.num_ws,
-                 default_psi=self.default_psi, has_encoder=self.encoder is not None, latent_space=self.latent_space)
-        return d
-
-    @property
-    def encoder_size(self) -> int:
-        """Side of the aligned crops the encoder takes (0 = no encoder)."""
-        return int(self.encoder_info.get("input_size", 0))
-
-    @staticmethod
-    def load_encoder(path: Path, manifest: dict, threads: int) -> OrtEncoder | None:
-        """encoder.onnx of the bundle (CUDA execution provider when available), or None."""
-        graphs = manifest["graphs"]
-        if "encoder" not in graphs:
-            return None
-        providers = [p for p in ("CUDAExecutionProvider",) if p in ort_available_providers()]
-        return OrtEncoder(path / graphs["encoder"]["file"], providers + ["CPUExecutionProvider"], threads)
-
-    def warm_face_models(self) -> None:
-        """Load dlib's face models now (once per process, ~1 s), not on the first Stylize request. Missing models
-        only disable Stylize (it answers FAILED_PRECONDITION); Generate keeps working."""
-        from common.faces import FaceModelsError, get_aligner
-        try:
-            get_aligner()
-        except FaceModelsError as exc:
-            log(logger, logging.WARNING, "face models unavailable: Stylize disabled", model=self.name, error=str(exc))
-
-    def _check_golden_encoder(self) -> float:
-        """The encoder on golden aligned crops against the PyTorch ws; raise BundleRefused beyond the tolerance."""
-        keys = self.encoder_info["golden"]
-        try:
-            with np.load(self.path / self.manifest["golden"].get("file", GOLDEN_NAME), allow_pickle=False) as g:
-                img_u8, ref = g[keys["img_u8"]], g[keys["ws"]]
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise BundleRefused(f"golden.npz: encoder inputs unreadable: {exc}") from exc
-        ws = self.encoder(img_u8)
-        if ws.shape != ref.shape or ws.shape[1:] != (self.num_ws, self.w_dim):
-            raise BundleRefused(f"golden check failed: encoder output {list(ws.shape)}, golden {list(ref.shape)}, "
-                                f"synthesis takes [N, {self.num_ws}, {self.w_dim}]")
-        err = float(np.abs(ws.astype(np.float64) - ref).max())
-        if not err <= ENCODER_TOLERANCE:
-            raise BundleRefused(f"golden check failed: encoder max |ws - golden| = {err:.3g} "
-                                f"(tolerance {ENCODER_TOLERANCE})")
-        return err
-
-    # -- serving ----------------------------------------------------------------------------------------------
-
-    async def start(self, executor: Executor | None, metrics: Metrics | None) -> None:
-        """Start the dynamic batchers: synthesis (`self.synthesis`, up to `self.max_batch` rows, set by the
-        subclass) and, with encoder.onnx, the encoder's."""
-        await super().start(executor, metrics)
-        self.executor = executor
-        b = self.batch_cfg
-        self.batcher = DynamicBatcher(self.name, self.synthesis, max_batch=self.max_batch,
-                                      max_queue_delay_s=b.max_queue_delay_ms / 1000, max_queue=b.max_queue,
-                                      executor=executor, metrics=metrics)
-        self.batcher.start()
-        if self.encoder is not None:
-            b = self.batch_cfg
-            self.encoder_batcher = DynamicBatcher(f"{self.name}.encoder", self.encoder, max_batch=b.max_batch,
-                                                  max_queue_delay_s=b.max_queue_delay_ms / 1000,
-                                                  max_queue=b.max_queue, executor=executor, metrics=metrics)
-            self.encoder_batcher.start()
-
-    async def encode(self, aligned_u8: np.ndarray, deadline: float | None = None,
-                     stats: dict[str, float] | None = None) -> np.ndarray:
-        """FFHQ-aligned crops img_u8 [N, S, S, 3] (S = encoder_size) -> ws [N, num_ws, w_dim] float32."""
-        if self.encoder_batcher is None:
-            raise ServingError(f"model {self.name!r} has no encoder", code="FAILED_PRECONDITION")
-        s = self.encoder_size
-        if aligned_u8.ndim != 4 or aligned_u8.shape[1:] != (s, s, 3) or aligned_u8.dtype != np.uint8:
-            raise InvalidArgument(f"aligned faces must be uint8 [N, {s}, {s}, 3], got {aligned_u8.dtype} "
-                                  f"{list(aligned_u8.shape)}")
-        out, queue_s = await self.encoder_batcher.submit(np.ascontiguousarray(aligned_u8), deadline)
-        if stats is not None:
-            stats["encoder_queue_s"] = queue_s
-        return out
-
-    def psi_or_default(self, psi: float | None) -> float:
-        return self.default_psi if psi is None else float(psi)
-
-    def check_cutoff(self, cutoff: int | None) -> None:
-        if cutoff is not None and not 0 <= cutoff <= self.num_ws:
-            raise InvalidArgument(f"truncation cutoff {cutoff} out of range 0..{self.num_ws}")
-
-    async def map(self, z: np.ndarray, psi: float | None = None, cutoff: int | None = None,
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        """z [N, z_dim] -> (w [N, w_dim], ws [N, num_ws, w_dim] truncated with psi on layers [0, cutoff))."""
-        w = await self.map_w(z)
-        return w, self.to_ws(w, psi, cutoff)
-
-    async def map_w(self, z: np.ndarray) -> np.ndarray:
-        """z [N, z_dim] -> untruncated w [N, w_dim] (in the inference thread pool)."""
-        if z.ndim != 2 or z.shape[1] != self.z_dim:
-            raise InvalidArgument(f"z must be [N, {self.z_dim}], got {list(z.shape)}")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.mapping, np.ascontiguousarray(z, np.float32))
-
-    async def seeds_to_w(self, seeds: list[int]) -> np.ndarray:
-        """seeds -> untruncated w [N, w_dim]: seed -> z and the mapping, both in the inference thread pool."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, lambda: self.mapping(L.seeds_to_z(seeds, self.z_dim)))
-
-    def to_ws(self, w: np.ndarray, psi: float | None = None, cutoff: int | None = None) -> np.ndarray:
-        """w [N, w_dim] or ws [N, num_ws, w_dim] -> ws truncated towards trunc_origin (numpy; psi None =
-        default_psi)."""
-        self.check_cutoff(cutoff)
-        return L.truncate(L.broadcast(w, self.num_ws), self.trunc_origin, self.psi_or_default(psi), cutoff)
-
-    def _check_ws(self, ws: np.ndarray) -> np.ndarray:
-        if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
-            raise InvalidArgument(f"ws must be [N, {self.num_ws}, {self.w_dim}], got {list(ws.shape)}")
-        return np.ascontiguousarray(ws, dtype=np.float32)
-
-    async def _close_runners(self, batchers: list, runners: list) -> None:
-        for batcher in batchers:
-            if batcher is not None:
-                await batcher.close()
-        for runner in runners:
-            if runner is None:
-                continue
-            try:
-                runner.close()
-            except Exception as exc:  # never let a failing close stop an unload
-                log(logger, logging.WARNING, "close failed", model=self.name, error=repr(exc))
-        log(logger, logging.INFO, "model unloaded", model=self.name, version=self.version)
-
-
-class StyleGAN2Model(LatentModel):
-    """A StyleGAN2 bundle: mapping.onnx (z -> w, run per request) and synthesis (ws -> uint8, dynamically batched).
-
-    `await map(z, psi, cutoff)` -> (w [N, w_dim], ws [N, num_ws, w_dim]) and
-    `await synthesize(ws, deadline)` -> img_u8 [N, R, R, 3] are the whole interface the front ends need; a bundle
-    with encoder.onnx adds `await encode(aligned_u8, deadline)` -> ws (dynamically batched too).
-    """
-
-    kind = "stylegan2"
-
-    def __init__(self, name: str, version: str, path: Path, manifest: dict, mapping: OrtMapping, synthesis,
-                 batch: BatchConfig, encoder: OrtEncoder | None = None):
-        super().__init__(name, version, path, manifest, mapping, batch, encoder)
-        self.w_avg = np.asarray(manifest["model"]["w_avg"], dtype=np.float32)
-        self.trunc_origin = self.w_avg
-        self.synthesis = synthesis
-        self.backend_name = synthesis.name
-        self.precision = getattr(synthesis, "precision", "fp32")
-        limit = getattr(synthesis, "max_batch", None)
-        self.max_batch = min(batch.max_batch, limit) if limit else batch.max_batch
-        self.batcher: DynamicBatcher | None = None
-
-    # -- loading (blocking; runs in a loader thread) ----------------------------------------------------------
-
-    @classmethod
-    def load(cls, path: Path, manifest: dict, version: str, *, backend: str = "auto", threads: int = 0,
-             batch: BatchConfig | None = None, golden_check: bool = True,
-             probe: SystemProbe | None = None) -> "StyleGAN2Model":
-        problems = check_bundle_files(path, manifest)
-        if problems:
-            raise BundleRefused("; ".join(problems))
-        graphs = manifest["graphs"]
-        try:
-            mapping = OrtMapping(path / graphs["mapping"]["file"], threads)
-            synthesis = create_synthesis(path, manifest, backend, threads, probe)
-            encoder = cls.load_encoder(path, manifest, threads)
-        except ServingError:
-            raise
-        except Exception as exc:  # ORT refuses a graph, TensorRT forced but unusable, ...
-            raise BundleRefused(f"cannot load graphs: {exc}") from exc
-        model = cls(manifest["name"], version, path, manifest, mapping, synthesis, batch or BatchConfig(), encoder)
-        if golden_check:
-            model.check_golden()
-        if encoder is not None or model.latent_space:
-            model.warm_face_models()
-        return model
-
-    def check_golden(self) -> None:
-        """Run golden.npz through mapping and synthesis; raise BundleRefused outside the tolerances."""
-        gold = self.manifest.get("golden")
-        if not gold:
-            raise BundleRefused("the manifest lists no golden outputs (golden.npz); refusing an unchecked bundle")
-        try:
-            with np.load(self.path / gold.get("file", GOLDEN_NAME), allow_pickle=False) as g:
-                ref = {k: g[k] for k in ("z", "psi", "w", "ws", "img_u8")}
-        except (OSError, KeyError, ValueError) as exc:
-            raise BundleRefused(f"golden.npz unreadable: {exc}") from exc
-        w = self.mapping(ref["z"].astype(np.float32))
-        err_w = float(np.abs(w - ref["w"]).max())
-        ws = np.stack([L.truncate(L.broadcast(w[i: i + 1], self.num_ws), self.w_avg, float(p))[0]
-                       for i, p in enumerate(ref["psi"])])
-        err_ws = float(np.abs(ws - ref["ws"]).max())
-        if not (err_w <= MAPPING_TOLERANCE and err_ws <= MAPPING_TOLERANCE):
-            raise BundleRefused(f"golden check failed: mapping max |w - golden| = {err_w:.3g}, "
-                                f"|ws - golden| = {err_ws:.3g} (tolerance {MAPPING_TOLERANCE})")
-        img = self.synthesis(ref["ws"].astype(np.float32))
-        max_diff, frac = check_u8_golden(img, ref["img_u8"], self.precision)
-        err_enc = self._check_golden_encoder() if self.encoder is not None else None
-        log(logger, logging.INFO, "golden check passed", model=self.name, version=self.version,
-            mapping_max_abs=err_w, synthesis_max_diff=max_diff, synthesis_frac_diff=frac,
-            encoder_max_abs=err_enc)
-
-    # -- serving ----------------------------------------------------------------------------------------------
-
-    async def synthesize(self, ws: np.ndarray, deadline: float | None = None,
-                         stats: dict[str, float] | None = None) -> np.ndarray:
-        """ws [N, num_ws, w_dim] float32 -> img_u8 [N, R, R, 3] through the dynamic batcher.
-
-        Args:
-            deadline: absolute time.monotonic() after which queued rows are dropped (DeadlineExceeded).
-            stats: filled with queue_s, the longest time one of the rows waited in the queue.
-        """
-        assert self.batcher is not None, "model not started"
-        out, queue_s = await self.batcher.submit(self._check_ws(ws), deadline)
-        if stats is not None:
-            stats["queue_s"] = queue_s
-        return out
-
-    async def render_faces(self, ws: np.ndarray, psi: float | None, deadline: float | None,
-                           stats: dict[str, float], style=None, exemplar_ws: np.ndarray | None = None) -> np.ndarray:
-        """Encoded faces ws [F, num_ws, w_dim] (untruncated) -> crops img_u8 [F, R, R, 3]: psi (None = 1, none)
-        pulls towards w_avg, then the batched synthesis. `style` / `exemplar_ws` must be None (dualstylegan only)."""
-        if style is not None or exemplar_ws is not None:
-            raise InvalidArgument(f"model {self.name!r} is a stylegan2 model: dualstyle options do not apply")
-        if psi is not None:
-            ws = L.truncate(ws, self.w_avg, psi, None)
-        return await self.synthesize(ws, deadline, stats)
-
-    def enqueue(self, ws: np.ndarray, deadline: float | None = None) -> list[BatchItem]:
-        """Queue rows without waiting (streams): await each item's future, cancel it to drop the row."""
-        assert self.batcher is not None, "model not started"
-        return self.batcher.enqueue(self._check_ws(ws), deadline)
-
-    async def close(self) -> None:
-        await self._close_runners([self.batcher, self.encoder_batcher], [self.synthesis, self.mapping, self.encoder])
-
-
-def check_u8_golden(img: np.ndarray, ref: np.ndarray, precision: str) -> tuple[int, float]:
-    """A synthesis output img_u8 against its golden uint8 image; BundleRefused outside U8_TOLERANCE.
-
-    Returns:
-        (max level difference, fraction of values that differ).
-    """
-    if img.shape != ref.shape:
-        raise BundleRefused(f"golden check failed: synthesis output {img.shape}, golden {ref.shape}")
-    diff = np.abs(img.astype(np.int16) - ref.astype(np.int16))
-    frac = float((diff > 0).mean())
-    max_diff, max_frac = U8_TOLERANCE.get(precision, U8_TOLERANCE["fp16"])
-    if int(diff.max()) > max_diff or frac > max_frac:
-        raise BundleRefused(f"golden check failed: synthesis differs from golden by up to {int(diff.max())} "
-                            f"levels in {frac:.2%} of values (tolerance {max_diff} / {max_frac:.0%})")
-    return int(diff.max()), frac
-
-
-def _unsupported(kind: str) -> Callable[..., LoadedModel]:
-    def load(*args, **kwargs) -> LoadedModel:
-        raise BundleRefused(f"bundle kind {kind!r} is not supported by this server version "
-                            f"(supported: {', '.join(k for k, v in MODEL_KINDS.items() if v is not None)})")
-    return load
-
-
-def _load_fast_style(*args, **kwargs) -> LoadedModel:
-    from .fast_style_model import FastStyleModel  # imports this module: import it at call time
-    return FastStyleModel.load(*args, **kwargs)
-
-
-def _load_dualstylegan(*args, **kwargs) -> LoadedModel:
-    from .dualstyle_model import DualStyleGANModel  # imports this module: import it at call time
-    return DualStyleGANModel.load(*args, **kwargs)
-
-
-# manifest["kind"] -> loader(path, manifest, version, **options); None marks a kind still to come.
-MODEL_KINDS: dict[str, Callable[..., LoadedModel] | None] = {
-    "stylegan2": StyleGAN2Model.load,
-    "fast_style": _load_fast_style,
-    "dualstylegan": _load_dualstylegan,
-}
-
-
-def loader_for(kind: str) -> Callable[..., LoadedModel]:
-    fn = MODEL_KINDS.get(kind)
-    return fn if fn is not None else _unsupported(kind)
-

@@ -3,7 +3,8 @@ truncation, synthesis, the same encoder), so the bytes equal what Generate / Sty
 
 `BundleRenderer` (seeds of a stylegan2 bundle) is used by `stylecast generate` when --checkpoint is a bundle
 directory and by the server-overhead benchmark; `BundleStylizer` (aligned face photos through a dualstylegan or
-stylegan2 bundle with an encoder) by `stylecast stylize` when --model is a bundle directory.
+stylegan2 bundle with an encoder) and `BundleStyleTransfer` on top of it (the style library of a dualstylegan bundle)
+by `stylecast stylize` when --model is a bundle directory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from protos.manifest import MANIFEST_NAME, ManifestError, load_manifest
 
 from . import codecs
 from . import latents as L
-from .models import LatentModel, StyleGAN2Model, loader_for
+from .kinds import load_model
+from .latent_model import LatentModel
+from .models import StyleOptions
 
 
 class BundleRenderer:
@@ -30,9 +33,8 @@ class BundleRenderer:
         manifest = load_manifest(bundle)
         if manifest["kind"] != "stylegan2":
             raise ValueError(f"{bundle}: a {manifest['kind']!r} bundle, not a stylegan2 generator")
-        version = hashlib.sha256((bundle / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
-        self.model = StyleGAN2Model.load(bundle, manifest, version, backend=backend, threads=threads,
-                                         golden_check=golden_check)
+        self.model = load_model(bundle, manifest, bundle_version(bundle), backend=backend, threads=threads,
+                                golden_check=golden_check)
 
     def render_u8(self, seeds: Sequence[int], psi: float | None = None, cutoff: int | None = None,
                   batch_size: int = 8) -> np.ndarray:
@@ -57,13 +59,19 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
 
 
+def bundle_version(bundle: Path) -> str:
+    """The version the server gives a bundle: the first 12 hex digits of its manifest's sha256."""
+    return hashlib.sha256((Path(bundle) / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
+
+
 def _load(bundle: Path, threads: int, golden_check: bool) -> LatentModel:
     manifest = load_manifest(bundle)
-    if manifest["kind"] not in ("stylegan2", "dualstylegan"):
-        raise ValueError(f"{bundle}: a {manifest['kind']!r} bundle, not a stylegan2 or dualstylegan generator")
-    version = hashlib.sha256((bundle / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
-    return loader_for(manifest["kind"])(bundle, manifest, version, backend="onnxruntime", threads=threads,
-                                        golden_check=golden_check)
+    model = load_model(bundle, manifest, bundle_version(bundle), backend="onnxruntime", threads=threads,
+                       golden_check=golden_check)
+    if not model.generates:
+        raise ValueError(f"{bundle}: a {manifest['kind']!r} bundle, not a generator of faces (stylegan2, "
+                         "dualstylegan)")
+    return model
 
 
 def find_encoder_bundle(bundle: Path, latent_space: str, preferred: str | None = None) -> Path | None:
@@ -156,3 +164,47 @@ class BundleStylizer:
         for m in {id(self.model): self.model, id(self.encoder_model): self.encoder_model}.values():
             self.run(m.close())
         self.loop.close()
+
+
+class BundleStyleTransfer:
+    """`stylecast stylize` on a bundle with a style library (dualstylegan): the library, the encoder and the
+    rendering of BundleStylizer, torch-free, so the images equal what `stylecast serve` returns for the same request.
+
+    The same interface as training.dualstyle.stylize.CheckpointStyleTransfer (the PyTorch path): names, num_ws,
+    res_index, default_weights, default_psi, encoder_size, `encode`, `render`, `close`.
+    """
+
+    mode = "bundle"
+
+    def __init__(self, bundle: str | Path, encoder_bundle: str | Path | None = None):
+        self.stylizer = BundleStylizer(bundle, encoder_bundle=encoder_bundle)
+        model = self.stylizer.model
+        lib = model.style_library()
+        if lib is None:
+            self.stylizer.close()
+            raise ValueError(f"{bundle}: a {model.kind!r} bundle, which has no style library; stylecast stylize "
+                             "needs a dualstylegan bundle")
+        self.model = model
+        self.names = list(lib.names)
+        self.num_ws, self.res_index = lib.num_ws, lib.res_index
+        self.default_weights = list(lib.default_weights)
+        self.default_psi = model.default_psi
+        self.encoder_size = self.stylizer.encoder_size
+
+    def encode(self, aligned_u8: np.ndarray) -> np.ndarray:
+        """Aligned faces img_u8 [F, S, S, 3] -> untruncated W+ ws [F, num_ws, w_dim]."""
+        return self.stylizer.encode(aligned_u8)
+
+    def render(self, photo_u8: np.ndarray, aligned: list, psi: float, style_id: int | None,
+               exemplar_ws: np.ndarray | None, weights: list[float], preserve_color: bool, composite: str,
+               feather: float) -> tuple[np.ndarray, np.ndarray]:
+        """The faces of one photo in a library style (or the encoded exemplar [1, num_ws, w_dim]) -> (the photo
+        with the stylized faces pasted back, or the first crop; every crop [F, R, R, 3])."""
+        ex = None if exemplar_ws is None else (tuple(exemplar_ws.shape), exemplar_ws.reshape(-1))
+        opts = StyleOptions(style_id=style_id if exemplar_ws is None else None, exstyle_w=ex, weights=list(weights),
+                            preserve_color=preserve_color, where="style")
+        req = self.model.parse_style(opts, None)
+        return self.stylizer.stylize(photo_u8, aligned, psi, req, composite=composite, feather=feather)
+
+    def close(self) -> None:
+        self.stylizer.close()

@@ -13,55 +13,73 @@ run in the server's encode thread pool; the encoder and the synthesis run throug
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from protos.stylecast.v1 import style_pb2 as pb
 from common import faces as F
 
+from .codecs import decode_image
 from .errors import InvalidArgument, ServingError
-from .fast_style_model import decode_image
 
 DEFAULT_FEATHER = 0.08
 MAX_FEATHER = 0.5
+SELECTIONS = ("largest", "all")
+COMPOSITES = ("paste", "crop")
 
 
 @dataclass(frozen=True)
 class FaceRequest:
-    """Parsed FaceOptions: which faces, how to composite them, and the optional pull towards w_avg."""
+    """Parsed face options: which faces, how to composite them, and the optional pull towards the truncation
+    centre (stylegan2: w_avg; dualstylegan: 0)."""
 
     select: str | int = "largest"
     composite: str = "paste"     # "paste" (back into the photo) or "crop" (the aligned stylized crop)
     feather: float = DEFAULT_FEATHER
     psi: float | None = None
 
+    @classmethod
+    def checked(cls, select: str | int, composite: str, feather: float, psi: float | None,
+                psi_range: tuple[float, float], what: str = "face") -> "FaceRequest":
+        """Validated options (feather 0 = DEFAULT_FEATHER); InvalidArgument naming the bad one."""
+        if not (select in SELECTIONS or (isinstance(select, int) and not isinstance(select, bool) and select >= 0)):
+            raise InvalidArgument(f"{what} selection: 'largest', 'all' or an index, got {select!r}")
+        if composite not in COMPOSITES:
+            raise InvalidArgument(f"{what} composite: 'paste' or 'crop', got {composite!r}")
+        feather = float(feather) or DEFAULT_FEATHER
+        if not 0.0 < feather <= MAX_FEATHER:
+            raise InvalidArgument(f"{what} feather must be in (0, {MAX_FEATHER}], got {feather}")
+        if psi is not None and not (math.isfinite(psi) and psi_range[0] <= psi <= psi_range[1]):
+            raise InvalidArgument(f"{what} psi must be in [{psi_range[0]}, {psi_range[1]}], got {psi}")
+        return cls(select=select, composite=composite, feather=feather, psi=psi)
 
-def parse_face_options(msg: pb.FaceOptions, psi_range: tuple[float, float]) -> FaceRequest:
-    """FaceOptions -> FaceRequest. Raises InvalidArgument on out-of-range values."""
-    if msg.select in (pb.FACE_SELECTION_UNSPECIFIED, pb.FACE_SELECTION_LARGEST):
+    @classmethod
+    def from_params(cls, params: dict[str, Any], psi_range: tuple[float, float]) -> "FaceRequest":
+        """Inference-protocol request parameters `faces` ("largest" | "all" | an index), `composite` ("paste" |
+        "crop"), `psi` (a number) -> FaceRequest."""
         select: str | int = "largest"
-    elif msg.select == pb.FACE_SELECTION_ALL:
-        select = "all"
-    elif msg.select == pb.FACE_SELECTION_INDEX:
-        select = int(msg.index)
-    else:
-        raise InvalidArgument(f"unknown face selection {msg.select}")
-    if msg.composite in (pb.FACE_COMPOSITE_UNSPECIFIED, pb.FACE_COMPOSITE_PASTE_BACK):
-        composite = "paste"
-    elif msg.composite == pb.FACE_COMPOSITE_CROP:
-        composite = "crop"
-    else:
-        raise InvalidArgument(f"unknown face composite mode {msg.composite}")
-    feather = float(msg.feather) or DEFAULT_FEATHER
-    if not 0.0 < feather <= MAX_FEATHER:
-        raise InvalidArgument(f"face feather must be in (0, {MAX_FEATHER}], got {msg.feather}")
-    psi = float(msg.psi) if msg.HasField("psi") else None
-    if psi is not None and not (np.isfinite(psi) and psi_range[0] <= psi <= psi_range[1]):
-        raise InvalidArgument(f"face psi must be in [{psi_range[0]}, {psi_range[1]}], got {msg.psi}")
-    return FaceRequest(select=select, composite=composite, feather=feather, psi=psi)
+        if "faces" in params:
+            v = str(params["faces"])
+            if v not in SELECTIONS and not v.isdigit():
+                raise InvalidArgument(f"parameter 'faces': 'largest', 'all' or an index, got {v!r}")
+            select = int(v) if v.isdigit() else v
+        composite = str(params.get("composite", "paste"))
+        if composite not in COMPOSITES:
+            raise InvalidArgument(f"parameter 'composite': 'paste' or 'crop', got {composite!r}")
+        psi = None
+        if "psi" in params:
+            v = params["psi"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise InvalidArgument(f"parameter 'psi': expected a number, got {v!r}")
+            psi = float(v)
+            lo, hi = psi_range
+            if not (math.isfinite(psi) and lo <= psi <= hi):
+                raise InvalidArgument(f"parameter 'psi' must be in [{lo}, {hi}], got {psi}")
+        return cls(select=select, composite=composite, psi=psi)
 
 
 def aligner() -> F.FaceAligner:
@@ -98,21 +116,19 @@ def composite(photo_u8: np.ndarray, aligned: list[F.AlignedFace], stylized_u8: n
     return out
 
 
-def detected(face: F.AlignedFace) -> pb.DetectedFace:
-    box = face.face.box if face.face is not None else (0.0, 0.0, 0.0, 0.0)
-    score = face.face.score if face.face is not None else 0.0
-    return pb.DetectedFace(left=box[0], top=box[1], right=box[2], bottom=box[3], score=score)
-
-
 @dataclass
-class FaceResult:
-    """What `stylize_faces` made: the composited photo (or the first crop), the faces used, every stylized crop
-    [F, R, R, 3], and the seconds spent per stage (decode, align, encoder, synthesis, composite, queue)."""
+class PhotoResult:
+    """What stylizing one photo made, for any front end to encode: the output image [H, W, 3] (the composited photo,
+    the first crop, or the whole stylized image), the faces used with every stylized crop [F, R, R, 3] (face models),
+    the seconds spent per stage (decode, align, encoder, synthesis, composite, queue), the largest side the output
+    may keep at its own size (a pasted-back photo keeps the photo's), and the library style used (dualstylegan)."""
 
     image: np.ndarray
-    faces: list[F.AlignedFace]
-    crops: np.ndarray
+    faces: list[F.AlignedFace] = field(default_factory=list)
+    crops: np.ndarray | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    own_size_limit: int = 0
+    style_id: int | None = None
 
 
 async def encode_style_image(enc, image: bytes, *, max_photo_size: int, pool: Executor | None,
@@ -133,7 +149,7 @@ async def encode_style_image(enc, image: bytes, *, max_photo_size: int, pool: Ex
 
 
 async def stylize_faces(repo, model, image: bytes, req: FaceRequest, *, max_photo_size: int, max_faces: int,
-                        pool: Executor | None, deadline: float | None, style=None) -> FaceResult:
+                        pool: Executor | None, deadline: float | None, style=None) -> PhotoResult:
     """The whole photo path for a generator-family model: decode, align (encode pool), encode with the encoder serving
     the model's latent space, render (`model.render_faces`: psi and, for dualstylegan, the extrinsic `style`, a
     serving.dualstyle_model.StyleRequest; its exemplar image is encoded concurrently with the photo), composite
@@ -144,7 +160,7 @@ async def stylize_faces(repo, model, image: bytes, req: FaceRequest, *, max_phot
     exemplar_ws = None
     with repo.encoder_for(model) as enc:
         exemplar = None
-        if style is not None and getattr(style, "image", None) is not None:
+        if style is not None and style.image is not None:
             exemplar = asyncio.ensure_future(encode_style_image(enc, style.image, max_photo_size=max_photo_size,
                                                                 pool=pool, deadline=deadline))
         try:
@@ -171,4 +187,4 @@ async def stylize_faces(repo, model, image: bytes, req: FaceRequest, *, max_phot
     t5 = time.perf_counter()
     seconds = {"decode": t1 - t0, "align": t2 - t1, "encoder": t3 - t2, "synthesis": t4 - t3,
                "composite": t5 - t4, "queue": stats.get("queue_s", 0.0) + stats.get("encoder_queue_s", 0.0)}
-    return FaceResult(out, aligned, crops, seconds)
+    return PhotoResult(out, aligned, crops, seconds, max_photo_size if req.composite == "paste" else 0)

@@ -26,10 +26,11 @@ from protos.manifest import MANIFEST_NAME, ManifestError, validate_manifest
 
 from .backends import SystemProbe
 from .config import BatchConfig
-from .errors import ModelNotFound, ModelNotReady
+from .errors import BundleRefused, ModelNotFound, ModelNotReady
+from .kinds import load_model
 from .logs import log
 from .metrics import Metrics
-from .models import BundleRefused, Lease, LoadedModel, loader_for
+from .models import Lease, LoadedModel
 
 logger = logging.getLogger("serving.repository")
 
@@ -155,13 +156,13 @@ class ModelRepository:
         Raises:
             ModelNotReady: no encoder for that latent space is loaded.
         """
-        if getattr(model, "encoder", None) is not None:
+        if model.encoder is not None:
             return Lease(model)
-        space = getattr(model, "latent_space", "")
+        space = model.latent_space
         if space:
             for name in sorted(self.models):
                 m = self.models[name]
-                if (m.accepting and getattr(m, "encoder", None) is not None and getattr(m, "latent_space", "") == space
+                if (m.accepting and m.encoder is not None and m.latent_space == space
                         and getattr(m, "num_ws", None) == getattr(model, "num_ws", None)
                         and getattr(m, "w_dim", None) == getattr(model, "w_dim", None)):
                     return Lease(m)
@@ -240,9 +241,9 @@ class ModelRepository:
                                     f"{owner.path.name!r}")
             version = fp[0][:12]
             model = await loop.run_in_executor(
-                self._loader, lambda: loader_for(kind)(entry.path, manifest, version, backend=self.backend,
-                                                       threads=self.threads, batch=self.batch,
-                                                       golden_check=self.golden_check, probe=self.probe))
+                self._loader, lambda: load_model(entry.path, manifest, version, backend=self.backend,
+                                                 threads=self.threads, batch=self.batch,
+                                                 golden_check=self.golden_check, probe=self.probe))
             model.manifest_sha = fp[0]
             await model.start(self.executor, self.metrics)
         except (BundleRefused, ManifestError, OSError, ValueError) as exc:

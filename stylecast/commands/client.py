@@ -89,7 +89,7 @@ def list_cmd(server: str, token_file: Path | None, tls: bool, tls_ca: Path | Non
         line = f"{m.name:24s} {state:8s} {m.kind:10s}"
         if m.ready:
             line += f" v{m.version} {m.resolution}px z{m.z_dim} w{m.w_dim}x{m.num_ws} psi {m.default_psi:g} {m.backend}"
-            if m.kind == "dualstylegan":
+            if m.style_count:
                 line += f" {m.style_count} styles"
         else:
             line += f" {m.error}"

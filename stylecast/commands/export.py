@@ -1,4 +1,5 @@
-"""`stylecast export onnx|engine|bundle|verify`: ONNX graphs, TensorRT engines and verified serving bundles."""
+"""`stylecast export onnx|engine|bundle|verify`: ONNX graphs, TensorRT engines and verified serving bundles; `verify`
+imports only the torch-free serving package."""
 
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def bundle_cmd(checkpoint: Path, out: Path, name: str | None, default_psi: float
       stylecast export bundle --checkpoint ffhq.pt --out models/ffhq --name ffhq --encoder psp_ffhq_encode.pt
       stylecast export bundle --checkpoint pixar.pt --out models/pixar --encoder-from models/ffhq
     """
-    from export.bundle import BundleOptions, build_bundle, verify_bundle
+    from export.bundle import BundleOptions, build_bundle
 
     opts = BundleOptions(name=name, default_psi=default_psi, fp16=fp16, engines=list(engines), simplify=simplify,
                          encoder=encoder, encoder_space=encoder_space, latent_space=latent_space,
@@ -128,36 +129,46 @@ def bundle_cmd(checkpoint: Path, out: Path, name: str | None, default_psi: float
     path = build_bundle(checkpoint, out, opts, progress=sys.stderr.isatty())
     click.echo(f"wrote bundle {path}")
     if verify:
-        report = verify_bundle(path)
-        _print_report(report)
-        if not report.ok:
-            raise SystemExit(1)
+        verify_and_report(path)
 
 
 @click.command("verify", context_settings=CTX)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--provider", "providers", multiple=True, default=("CPUExecutionProvider",),
-              help="ONNX Runtime execution providers, in order.")
-def verify_cmd(bundle: Path, providers: tuple[str, ...]) -> None:
-    """Check a bundle's manifest and files and run its graphs against golden.npz; exit 1 on failure.
+              help="ONNX Runtime execution providers of the graph checks, in order (repeatable); one this "
+                   "onnxruntime lacks makes the result NOT VERIFIED.")
+@click.option("--engines", type=click.Choice(["auto", "require", "only", "skip"]), default="auto",
+              help="TensorRT engines: auto = check those that can run here and list the others as not checked; "
+                   "require = every engine must be checked here; only = engines only, as require; skip = none.")
+def verify_cmd(bundle: Path, providers: tuple[str, ...], engines: str) -> None:
+    """Check a bundle's manifest and files and run its graphs against golden.npz, with the server's own golden
+    checks (torch-free).
+
+    Exit status: 0 verified (every check ran here and passed), 1 FAILED (invalid bundle or a check outside its
+    tolerance), 3 NOT VERIFIED (nothing failed, but what was asked for could not be checked here: a missing
+    execution provider, or with --engines require/only an engine without its GPU / TensorRT here).
 
     \b
-    Example:
+    Examples:
       stylecast export verify models/ffhq
+      stylecast export verify models/ffhq --engines only --provider CUDAExecutionProvider
     """
-    from export.bundle import verify_bundle
-
-    report = verify_bundle(bundle, providers=list(providers))
-    _print_report(report)
-    if not report.ok:
-        raise SystemExit(1)
+    verify_and_report(bundle, list(providers), engines)
 
 
-def _print_report(report) -> None:
+def verify_and_report(bundle: Path, providers: list[str] | None = None, engines: str = "auto") -> None:
+    """Run serving.verify on a bundle, print every check and the outcome; exit with its status unless verified."""
+    from serving.verify import verify_bundle
+
+    report = verify_bundle(bundle, providers=providers, engines=engines)
     for p in report.problems:
         click.echo(f"FAIL {p}", err=True)
     for c in report.checks:
-        status = "skip" if getattr(c, "skipped", False) else ("ok  " if c.ok else "FAIL")
+        status = "skip" if c.skipped else ("ok  " if c.ok else "FAIL")
         psnr = "inf" if c.psnr == float("inf") else f"{c.psnr:.1f}"
-        click.echo(f"{status} {c.graph:16s} {c.output:7s} max_abs={c.max_abs:.3g} psnr={psnr} dB {c.note}")
-    click.echo(f"{report.bundle}: {'verified' if report.ok else 'FAILED'}")
+        click.echo(f"{status} {c.graph:16s} {c.output:9s} max_abs={c.max_abs:.3g} psnr={psnr} dB {c.note}")
+    for u in report.unverified:
+        click.echo(f"not checked: {u}", err=True)
+    click.echo(report.summary())
+    if report.exit_code:
+        raise SystemExit(report.exit_code)

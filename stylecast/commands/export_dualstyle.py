@@ -67,10 +67,9 @@ def cmd(checkpoint: Path, styles: Path, out: Path, name: str, default_psi: float
           -s runs/00004-dualstylegan-refine-toons/refined_exstyle_code.npy -o models/toon --name toon \\
           --encoder-from models/ffhq --default-weights 0.6*7,1*11
     """
-    from export.bundle import verify_bundle
     from export.dualstyle_bundle import DualStyleBundleOptions, build_dualstyle_bundle
 
-    from .export import _print_report
+    from .export import verify_and_report
 
     opts = DualStyleBundleOptions(name=name, default_psi=default_psi, default_weights=parse_weights(default_weights),
                                   encoder=encoder, encoder_space=encoder_space, encoder_from=encoder_from,
@@ -78,7 +77,4 @@ def cmd(checkpoint: Path, styles: Path, out: Path, name: str, default_psi: float
     path = build_dualstyle_bundle(checkpoint, styles, out, opts, progress=sys.stderr.isatty())
     click.echo(f"wrote bundle {path}")
     if verify:
-        report = verify_bundle(path)
-        _print_report(report)
-        if not report.ok:
-            raise SystemExit(1)
+        verify_and_report(path)

@@ -24,15 +24,11 @@ def cmd(checkpoint: Path, out: Path, name: str, max_size: int, description: str,
     Example:
       stylecast export fast-style-bundle -c runs/mosaic -o models/mosaic --name mosaic --max-size 1024
     """
-    from export.bundle import verify_bundle
     from export.fast_style_bundle import build_fast_style_bundle
 
-    from .export import _print_report
+    from .export import verify_and_report
 
     path = build_fast_style_bundle(checkpoint, out, name, max_size=max_size, description=description)
     click.echo(f"wrote bundle {path}")
     if verify:
-        report = verify_bundle(path)
-        _print_report(report)
-        if not report.ok:
-            raise SystemExit(1)
+        verify_and_report(path)

@@ -1,13 +1,15 @@
 """`stylecast stylize`: exemplar-based portrait style transfer of face photos with a DualStyleGAN (Yang et al.,
 "Pastiche Master: Exemplar-Based High-Resolution Portrait Style Transfer", CVPR 2022), locally.
 
-Two back ends, one pipeline (FFHQ alignment with common.faces at the encoder's size, encoder -> W+, psi towards 0,
-the extrinsic style, synthesis, paste-back):
+Two pipelines with one interface, each in its package (FFHQ alignment with common.faces at the encoder's size,
+encoder -> W+, psi towards 0, the extrinsic style, synthesis, paste-back); this command only checks the options,
+aligns the photos and writes the results:
 
-- `--model` a DualStyleGAN checkpoint (official generator.pt or a stylecast directory): PyTorch, with `--styles`
-  (exstyle codes) and `--encoder` (pSp / e4e, W+ or z+).
+- `--model` a DualStyleGAN checkpoint (official generator.pt or a stylecast directory): PyTorch
+  (training.dualstyle.stylize.CheckpointStyleTransfer), with `--styles` (exstyle codes) and `--encoder` (pSp / e4e,
+  W+ or z+).
 - `--model` a dualstylegan bundle directory: ONNX Runtime through the server's own torch-free code
-  (serving.offline.BundleStylizer), so the images equal what `stylecast serve` returns for the same request.
+  (serving.offline.BundleStyleTransfer), so the images equal what `stylecast serve` returns for the same request.
 """
 
 from __future__ import annotations
@@ -35,114 +37,6 @@ def final_weights(base: list[float], res_index: int, structure_only: bool, colou
     if colour_only:
         return [0.0] * (res_index + 1) + base[res_index + 1:]
     return base
-
-
-class _BundleBackend:
-    """A dualstylegan bundle through serving.offline.BundleStylizer (torch-free)."""
-
-    mode = "bundle"
-
-    def __init__(self, bundle: Path, encoder: Path | None):
-        from serving.dualstyle_model import DualStyleGANModel
-        from serving.offline import BundleStylizer
-
-        self.stylizer = BundleStylizer(bundle, encoder_bundle=encoder)
-        model = self.stylizer.model
-        if not isinstance(model, DualStyleGANModel):
-            self.stylizer.close()
-            raise ValueError(f"{bundle}: a {model.kind!r} bundle; stylecast stylize needs a dualstylegan bundle")
-        self.model = model
-        self.names = list(model.style_names)
-        self.num_ws, self.res_index = model.num_ws, model.res_index
-        self.default_weights = [float(v) for v in model.default_weights]
-        self.default_psi = model.default_psi
-        self.encoder_size = self.stylizer.encoder_size
-
-    def encode(self, aligned_u8: np.ndarray) -> np.ndarray:
-        return self.stylizer.encode(aligned_u8)
-
-    def render(self, photo: np.ndarray, aligned: list, psi: float, style_id: int | None, exemplar_ws: np.ndarray | None,
-               weights: list[float], preserve_color: bool, composite: str, feather: float):
-        from serving.dualstyle_model import StyleRequest
-
-        req = StyleRequest(style_id=style_id, exstyle_w=exemplar_ws, weights=np.asarray(weights, np.float32),
-                           preserve_color=preserve_color)
-        return self.stylizer.stylize(photo, aligned, psi, req, composite=composite, feather=feather)
-
-    def close(self) -> None:
-        self.stylizer.close()
-
-
-class _TorchBackend:
-    """A DualStyleGAN checkpoint + exstyle codes + a pSp / e4e encoder in PyTorch."""
-
-    mode = "checkpoint"
-
-    def __init__(self, checkpoint: Path, styles: Path | None, encoder: Path | None, encoder_space: str | None,
-                 device: str):
-        import torch
-
-        from training.dualstyle import load_dualstylegan, load_exstyle_codes
-        from training.inversion.encoders import check_encoder_fits, load_encoder
-
-        if encoder is None:
-            raise ValueError("--encoder is required with a checkpoint (a pSp / e4e checkpoint for the base generator)")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.impl = "ref" if self.device.type == "cpu" else "auto"
-        self.model = load_dualstylegan(checkpoint).eval().requires_grad_(False).to(self.device)
-        self.codes = (load_exstyle_codes(styles, num_ws=self.model.num_ws, w_dim=self.model.z_dim)
-                      if styles is not None else {})
-        self.enc = load_encoder(encoder, with_decoder=False, device=self.device, latent_space=encoder_space)
-        check_encoder_fits(self.enc.config, self.model.generator, f"encoder {encoder}")
-        self.names = list(self.codes)
-        self.num_ws, self.res_index = self.model.num_ws, self.model.res_index
-        self.default_weights = list(self.model.default_weights())
-        self.default_psi = 0.75  # official style_transfer.py --truncation
-        self.encoder_size = self.enc.config.input_size
-
-    def encode(self, aligned_u8: np.ndarray) -> np.ndarray:
-        """The server's conversion (x / 127.5 - 1 in float32), the encoder, z+ codes through the base mapping."""
-        import torch
-
-        from training.inversion.encoders import codes_to_ws
-
-        x = torch.from_numpy(np.array(aligned_u8, copy=True)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
-        with torch.no_grad():
-            codes = self.enc.encoder(x.to(self.device))
-            ws = codes_to_ws(codes, self.enc.config.latent_space, self.model.generator.mapping)
-        return ws.float().cpu().numpy()
-
-    def render(self, photo: np.ndarray, aligned: list, psi: float, style_id: int | None, exemplar_ws: np.ndarray | None,
-               weights: list[float], preserve_color: bool, composite: str, feather: float):
-        import torch
-
-        from common import faces as F
-        from training.dualstyle import preserve_colour_codes
-
-        dev = self.device
-        ws_u = torch.from_numpy(self.encode(np.stack([a.img_u8 for a in aligned]))).to(dev)  # [F, num_ws, w_dim]
-        with torch.no_grad():
-            if exemplar_ws is not None:
-                ex = torch.from_numpy(exemplar_ws).to(dev)
-            else:
-                ex = self.model.map_extrinsic(torch.from_numpy(self.codes[self.names[style_id]]).to(dev))
-            if preserve_color:
-                ex = preserve_colour_codes(ex, ws_u, self.model.cfg)
-            ws = ws_u if psi == 1 else ws_u * psi  # truncation towards 0, as the official scripts
-            w = torch.tensor([weights], dtype=torch.float32, device=dev)
-            img = self.model(ws, ex, w, noise_mode="const", impl=self.impl)
-            crops = ((img.float() + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
-        if composite == "crop":
-            return crops[0], crops
-        out = photo
-        for face, crop in reversed(list(zip(aligned, crops))):
-            out = F.paste_back(out, np.ascontiguousarray(crop), face.quad, feather=feather)
-        return out, crops
-
-    def close(self) -> None:
-        pass
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -251,8 +145,12 @@ def stylize(model_path: Path, contents: tuple[Path, ...], style_id: str | None, 
     if not model_path.exists():
         raise FileNotFoundError(f"model not found: {model_path}")
 
-    backend: Any = _BundleBackend(model_path, encoder) if bundle_mode else \
-        _TorchBackend(model_path, styles, encoder, encoder_space, device)
+    if bundle_mode:
+        from serving.offline import BundleStyleTransfer
+        backend: Any = BundleStyleTransfer(model_path, encoder_bundle=encoder)
+    else:
+        from training.dualstyle.stylize import CheckpointStyleTransfer
+        backend = CheckpointStyleTransfer(model_path, styles, encoder, encoder_space, device)
     try:
         sid = None
         if style_id is not None:

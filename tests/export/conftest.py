@@ -1,11 +1,18 @@
-"""Shared export fixtures: one tiny checkpoint, its ONNX graphs and one bundle, built once per session."""
+"""Shared export fixtures, built once per session: a tiny checkpoint, its ONNX graphs and one bundle of each kind
+(stylegan2, dualstylegan with a photo encoder, fast_style), and `kind_sources` to build more of any kind."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import copy
+
 import numpy as np
 import pytest
+
+DUAL_NAMES = ["b_style.jpg", "a_style.jpg", "c_style.jpg"]  # not sorted: ids follow the file's order
+DUAL_ENC_SIZE = 64
+FAST_STYLE_TINY = {"channels": 4, "res_blocks": 1}
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +63,77 @@ def bundle(export_ckpt, tmp_path_factory) -> Path:
     from export.bundle import BundleOptions, build_bundle
     return build_bundle(export_ckpt, tmp_path_factory.mktemp("bundles") / "tiny",
                         BundleOptions(name="tiny", default_psi=0.7, fp16=True))
+
+
+@pytest.fixture(scope="session")
+def dual_model(tiny_G):
+    """tiny_G (a copy) + an extrinsic path with clearly non-trivial weights (res_index 4: latents 0..4 structure)."""
+    import torch
+
+    from training.dualstyle import DualStyleGAN
+    torch.manual_seed(0)
+    m = DualStyleGAN.from_generator(copy.deepcopy(tiny_G), res_index=4)
+    m.init_extrinsic_path(modres_scale=0.5, colour_noise=0.5)
+    return m.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def dual_files(dual_model, tiny_G, tmp_path_factory) -> dict[str, Path]:
+    """The sources of a dualstylegan bundle: checkpoint, official exstyle codes, a tiny pSp encoder (official .pt)."""
+    import torch
+
+    from training.dualstyle import save_dualstylegan, save_exstyle_codes
+    from training.inversion.encoders import EncoderConfig, build_encoder, save_official
+    root = tmp_path_factory.mktemp("dsb")
+    g = torch.Generator().manual_seed(5)
+    codes = {n: torch.randn(1, dual_model.num_ws, dual_model.z_dim, generator=g) for n in DUAL_NAMES}
+    torch.manual_seed(3)
+    enc = build_encoder(EncoderConfig.tiny(n_styles=dual_model.num_ws, w_dim=dual_model.w_dim,
+                                           input_size=DUAL_ENC_SIZE)).eval()
+    with torch.no_grad():
+        enc.latent_avg.copy_(tiny_G.mapping.w_avg.expand_as(enc.latent_avg))
+    return {"ckpt": save_dualstylegan(root / "dsg", dual_model),
+            "codes": save_exstyle_codes(root / "exstyle_code.npy", codes),
+            "encoder": save_official(root / "psp.pt", enc, decoder=tiny_G), "root": root}
+
+
+@pytest.fixture(scope="session")
+def dual_bundle(dual_files) -> Path:
+    """A dualstylegan bundle "toon" with its photo encoder; tests copy it before changing it."""
+    from export.dualstyle_bundle import DualStyleBundleOptions, build_dualstyle_bundle
+    return build_dualstyle_bundle(dual_files["ckpt"], dual_files["codes"], dual_files["root"] / "out" / "toon",
+                                  DualStyleBundleOptions(name="toon", encoder=dual_files["encoder"]))
+
+
+@pytest.fixture(scope="session")
+def style_ckpt(tmp_path_factory) -> Path:
+    """A tiny fast stylizer checkpoint (4 channels, 1 residual block)."""
+    from training.style.fast_style import TransformerNetConfig, build_transformer_net, save_fast_style
+    net = build_transformer_net(TransformerNetConfig(**FAST_STYLE_TINY), seed=3)
+    return save_fast_style(tmp_path_factory.mktemp("fs") / "ckpt", net)
+
+
+@pytest.fixture(scope="session")
+def style_bundle(style_ckpt, tmp_path_factory) -> Path:
+    """A fast_style bundle "tiny-style" (max_size 256); tests copy it before changing it."""
+    from export.fast_style_bundle import build_fast_style_bundle
+    return build_fast_style_bundle(style_ckpt, tmp_path_factory.mktemp("fsb") / "tiny-style", "tiny-style",
+                                   max_size=256)
+
+
+@pytest.fixture(scope="session")
+def kind_sources(export_ckpt, dual_files, style_ckpt):
+    """kind -> (the session's bundle fixture name, build(out) -> Path: a small new bundle of that kind through the
+    export registry)."""
+    from export.bundle import BundleOptions
+    from export.dualstyle_bundle import DualStyleBundleOptions
+    from export.kinds import EXPORT_KINDS
+    return {
+        "stylegan2": ("bundle", lambda out: EXPORT_KINDS["stylegan2"](export_ckpt, out, BundleOptions(name="k"))),
+        "dualstylegan": ("dual_bundle", lambda out: EXPORT_KINDS["dualstylegan"](
+            dual_files["ckpt"], dual_files["codes"], out, DualStyleBundleOptions(name="k"))),
+        "fast_style": ("style_bundle", lambda out: EXPORT_KINDS["fast_style"](style_ckpt, out, "k", max_size=64)),
+    }
 
 
 @pytest.fixture

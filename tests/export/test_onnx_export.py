@@ -9,13 +9,18 @@ import onnx
 import pytest
 import torch
 
-from export.bundle import psnr
 from training.generate import to_uint8
 from training.networks.stylegan2 import seeds_to_z, truncate
 
 FP32_MAX_ABS = 1e-4
 FP16_MIN_PSNR = 40.0
 RUN_BATCHES = (1, 3, 8)  # every graph is exported with a batch-2 dummy input
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """The textbook PSNR (dB) of images in [-1, 1] (peak-to-peak 2), in float64."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(4.0 / mse))
 
 
 def _ws(G, n: int, seed: int) -> torch.Tensor:
