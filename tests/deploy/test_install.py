@@ -97,8 +97,6 @@ def test_server_only_install_serves_like_the_dev_install(server_only_venv, demo_
 
 def test_server_only_export_verify(server_only_venv, demo_models, tmp_path):
     r = run(server_only_venv, "export", "verify", str(demo_models / "demo"), cwd=tmp_path)
-    if "needs the 'torch' module" in r.stderr:
-        pytest.xfail(reason="export verify is torch-free after the model-kinds refactor")
     assert r.returncode == 0 and "verified" in r.stdout, r.stdout + r.stderr
 
 

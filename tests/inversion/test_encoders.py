@@ -682,7 +682,8 @@ def test_z_plus_onnx_graph_is_encoder_plus_mapping(tmp_path, enc_sd, tiny_G):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_z_plus_encoder_in_a_bundle_verifies(tmp_path, enc_sd, tiny_G):
-    from export.bundle import BundleOptions, build_bundle, verify_bundle
+    from export.bundle import BundleOptions, build_bundle
+    from serving.verify import verify_bundle
 
     enc_path = _write(tmp_path / "encoder.pt", enc_sd, _opts("psp", start_from_latent_avg=False,
                                                               z_plus_latent=True))
