@@ -14,6 +14,8 @@ from typing import Any, Iterable
 
 from .harness import PERCENTILE_METHOD, PSNR_PEAK, PSNR_THRESHOLDS, read_jsonl
 
+from .numbers import fmt as _f
+
 NOTES_NAME = "RESULTS_NOTES.md"  # hand-written commentary next to RESULTS.md, included verbatim
 GPU_SWEEP = "stylecast bench backends --sizes 256,512,1024 --batches 1,2,4,8,16,32 --backends all"
 GPU_SERVER = ("stylecast bench server --model config-f --size 1024 --concurrency 1,2,4,8,16,32,64 --duration 30 "
@@ -62,16 +64,6 @@ def latest_runs(records: Iterable[dict], kind: str) -> dict[tuple[str, str, str]
 def _normalise_command(cmd: str) -> str:
     """The command without --out / --work-dir values (runs that differ only there are the same experiment)."""
     return re.sub(r"\s--(out|work-dir)(=|\s+)\S+", "", cmd)
-
-
-def _f(x: Any, nd: int = 1) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, str):
-        return "∞" if x == "inf" else x
-    if isinstance(x, float) and math.isinf(x):
-        return "∞"
-    return f"{x:.{nd}f}"
 
 
 def _env_lines(env: dict) -> list[str]:

@@ -7,7 +7,7 @@ import math
 from collections import Counter
 from typing import Any, Iterable
 
-from benchmarks.report import _f
+from benchmarks.numbers import fmt as _f
 
 FAILING = ("error", "failed", "incomplete")
 

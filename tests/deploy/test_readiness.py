@@ -73,18 +73,14 @@ def test_no_connection_before_the_initial_load(monkeypatch, demo_models, free_po
     from serving.server import StyleServer
 
     loading, release = threading.Event(), threading.Event()
-    real_loader_for = repository.loader_for
+    real_load = repository.load_model
 
-    def gated_loader_for(kind):
-        load = real_loader_for(kind)
+    def gated(*args, **kwargs):
+        loading.set()
+        assert release.wait(60), "test never released the load"
+        return real_load(*args, **kwargs)
 
-        def gated(*args, **kwargs):
-            loading.set()
-            assert release.wait(60), "test never released the load"
-            return load(*args, **kwargs)
-        return gated
-
-    monkeypatch.setattr(repository, "loader_for", gated_loader_for)
+    monkeypatch.setattr(repository, "load_model", gated)
     port, metrics_port = free_ports(2)
     target = f"127.0.0.1:{port}"
     loop = asyncio.new_event_loop()
@@ -186,14 +182,11 @@ def test_sigterm_during_the_initial_load_stops_at_once(demo_models, free_ports, 
     code = textwrap.dedent(f"""
         import sys, time
         import serving.repository as repository
-        real = repository.loader_for
-        def slow(kind):
-            load = real(kind)
-            def wrapped(*a, **kw):
-                time.sleep(3)
-                return load(*a, **kw)
-            return wrapped
-        repository.loader_for = slow
+        real = repository.load_model
+        def slow(*a, **kw):
+            time.sleep(3)
+            return real(*a, **kw)
+        repository.load_model = slow
         from stylecast.cli import main
         main(["serve", "--models", {str(models)!r}, "--port", "{port}", "--metrics-port", "{metrics_port}"])
     """)
